@@ -1,0 +1,114 @@
+"""CLIP text transformer (Radford et al. 2021), laid out as transformers' CLIPTextModel (`text_model.*`)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from .config import CLIPConfig
+from .layers import attention, layer_norm
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
+    "gelu": lambda x: ops.gelu(x, approximate=False),
+}
+
+
+class CLIPEmbeddings(keras.layers.Layer):
+    """Token plus learned absolute position embeddings."""
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.token_embedding = keras.layers.Embedding(config.vocab_size, config.hidden_size,
+                                                      name="token_embedding", dtype=dt)
+        self.position_embedding = keras.layers.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                         name="position_embedding", dtype=dt)
+
+    def call(self, input_ids):
+        positions = ops.arange(ops.shape(input_ids)[1])
+        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+
+
+class CLIPAttention(keras.layers.Layer):
+    """Causal multi-head self-attention with biased q/k/v/out projections."""
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt, dim = self.dtype_policy, config.hidden_size
+        self.heads = config.num_attention_heads
+        self.q_proj = keras.layers.Dense(dim, name="q_proj", dtype=dt)
+        self.k_proj = keras.layers.Dense(dim, name="k_proj", dtype=dt)
+        self.v_proj = keras.layers.Dense(dim, name="v_proj", dtype=dt)
+        self.out_proj = keras.layers.Dense(dim, name="out_proj", dtype=dt)
+
+    def call(self, x, mask):
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, bias=mask))
+
+
+class CLIPMLP(keras.layers.Layer):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.fc1 = keras.layers.Dense(config.intermediate_size, name="fc1", dtype=self.dtype_policy)
+        self.fc2 = keras.layers.Dense(config.hidden_size, name="fc2", dtype=self.dtype_policy)
+
+    def call(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(keras.layers.Layer):
+    """Pre-LayerNorm transformer layer."""
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.layer_norm1 = layer_norm(config.layer_norm_eps, "layer_norm1", dt)
+        self.self_attn = CLIPAttention(config, name="self_attn", dtype=dt)
+        self.layer_norm2 = layer_norm(config.layer_norm_eps, "layer_norm2", dt)
+        self.mlp = CLIPMLP(config, name="mlp", dtype=dt)
+
+    def call(self, x, mask):
+        x = x + self.self_attn(ops.cast(self.layer_norm1(x), self.compute_dtype), mask)
+        return x + self.mlp(ops.cast(self.layer_norm2(x), self.compute_dtype))
+
+
+class CLIPEncoder(keras.layers.Layer):
+    """The stack of encoder layers (`encoder.layers.N`)."""
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.layers = [CLIPEncoderLayer(config, name=f"layers.{i}", dtype=self.dtype_policy)
+                       for i in range(config.num_hidden_layers)]
+
+
+class CLIPTextModel(keras.Model):
+    """Token ids (B, L) -> last hidden state after the final LayerNorm (B, L, hidden_size).
+
+    With `output_hidden_states=True` also returns every layer's output as transformers does:
+    a list of num_hidden_layers + 1 tensors, the embeddings first, none with the final norm.
+    """
+
+    def __init__(self, config: CLIPConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.config = config
+        self.embeddings = CLIPEmbeddings(config, name="embeddings", dtype=dt)
+        self.encoder = CLIPEncoder(config, name="encoder", dtype=dt)
+        self.final_layer_norm = layer_norm(config.layer_norm_eps, "final_layer_norm", dt)
+
+    def build(self, input_shape):
+        self.built = True  # sublayers build on the first call
+
+    def call(self, input_ids, output_hidden_states=False):
+        length = ops.shape(input_ids)[1]
+        causal = ops.triu(ops.full((length, length), float("-inf"), dtype="float32"), k=1)
+        x = self.embeddings(input_ids)
+        hidden_states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x, causal)
+            hidden_states.append(x)
+        last = ops.cast(self.final_layer_norm(x), self.compute_dtype)
+        return (last, hidden_states) if output_hidden_states else last

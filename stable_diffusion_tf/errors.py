@@ -1,0 +1,17 @@
+"""Typed errors raised by the library; the CLIs turn them into one line and exit code 2."""
+
+
+class StableDiffusionError(Exception):
+    """Base class of every error this package raises on bad input."""
+
+
+class CheckpointError(StableDiffusionError, ValueError):
+    """A checkpoint file or folder that cannot be loaded (corrupt, hostile, wrong family, missing tensor)."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """A valid checkpoint of a model family this version does not load (e.g. SDXL)."""
+
+
+class InputError(StableDiffusionError, ValueError):
+    """A bad argument: size, steps, guidance scale, prompt, image, output path."""

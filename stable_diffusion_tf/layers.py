@@ -1,0 +1,195 @@
+"""Blocks shared by the UNet and the VAE, named after the diffusers modules they load from.
+
+Attribute names equal checkpoint names (`norm1`, `conv1`, `to_q`, `to_out.0`, ...), so that
+`weights.load` can fill every variable by walking attributes. Tensors are channels-last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> keras.layers.Conv2D:
+    """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly)."""
+    padding = "same" if strides == 1 else "valid"
+    return keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype)
+
+
+def group_norm(groups: int, eps: float, name: str, dtype) -> keras.layers.GroupNormalization:
+    """GroupNorm over the channel axis, statistics in float32."""
+    return keras.layers.GroupNormalization(groups=groups, epsilon=eps, name=name, dtype=_float32_policy(dtype))
+
+
+def layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
+    """LayerNorm over the last axis, statistics in float32."""
+    return keras.layers.LayerNormalization(epsilon=eps, name=name, dtype=_float32_policy(dtype))
+
+
+def _float32_policy(dtype):
+    """Keeps normalisation in float32 under mixed precision (as torch autocast does)."""
+    policy = keras.dtype_policies.get(dtype)
+    return "float32" if policy.compute_dtype != policy.variable_dtype else policy
+
+
+def timestep_embedding(timesteps, dim: int):
+    """Sinusoidal embedding with diffusers' flip_sin_to_cos=True, freq_shift=0 (cos first)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * ops.arange(half, dtype="float32") / half
+    args = ops.cast(ops.reshape(timesteps, (-1, 1)), "float32") * ops.exp(exponent)[None, :]
+    return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+def attention(q, k, v, heads: int, bias=None):
+    """Multi-head scaled dot-product attention on (B, N, heads*d) tensors; softmax in float32.
+
+    `bias` is added to the float32 scores (e.g. a causal mask of 0 / -inf).
+    """
+    b, n = ops.shape(q)[0], ops.shape(q)[1]
+    d = q.shape[-1] // heads
+
+    def split(x):
+        return ops.transpose(ops.reshape(x, (b, -1, heads, d)), (0, 2, 1, 3))
+
+    q, k, v = split(q), split(k), split(v)
+    scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32") * (d**-0.5)
+    if bias is not None:
+        scores = scores + bias
+    probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
+    out = ops.matmul(probs, v)
+    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, heads * d))
+
+
+class ResnetBlock2D(keras.layers.Layer):
+    """diffusers ResnetBlock2D: GN-SiLU-conv, optional time embedding add, GN-SiLU-conv, shortcut."""
+
+    def __init__(self, in_channels, out_channels, groups, eps, temb=False, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.norm1 = group_norm(groups, eps, "norm1", dt)
+        self.conv1 = conv(out_channels, 3, "conv1", dt)
+        self.time_emb_proj = keras.layers.Dense(out_channels, name="time_emb_proj", dtype=dt) if temb else None
+        self.norm2 = group_norm(groups, eps, "norm2", dt)
+        self.conv2 = conv(out_channels, 3, "conv2", dt)
+        self.conv_shortcut = conv(out_channels, 1, "conv_shortcut", dt) if in_channels != out_channels else None
+
+    def call(self, x, temb=None):
+        h = self.conv1(ops.silu(ops.cast(self.norm1(x), self.compute_dtype)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(ops.silu(temb))[:, None, None, :]
+        h = self.conv2(ops.silu(ops.cast(self.norm2(h), self.compute_dtype)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(keras.layers.Layer):
+    """diffusers Attention: to_q/to_k/to_v without bias (VAE: with bias), to_out.0 with bias."""
+
+    def __init__(self, dim, heads, bias=False, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.heads = heads
+        self.to_q = keras.layers.Dense(dim, use_bias=bias, name="to_q", dtype=dt)
+        self.to_k = keras.layers.Dense(dim, use_bias=bias, name="to_k", dtype=dt)
+        self.to_v = keras.layers.Dense(dim, use_bias=bias, name="to_v", dtype=dt)
+        self.to_out = [keras.layers.Dense(dim, name="to_out.0", dtype=dt)]
+
+    def call(self, x, context=None):
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(keras.layers.Layer):
+    """GELU-gated linear unit (Shazeer 2020): proj -> (h, gate) -> h * gelu(gate), exact erf GELU."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = keras.layers.Dense(inner * 2, name="proj", dtype=self.dtype_policy)
+
+    def call(self, x):
+        h, gate = ops.split(self.proj(x), 2, axis=-1)
+        return h * ops.gelu(gate, approximate=False)
+
+
+class FeedForward(keras.layers.Layer):
+    """diffusers FeedForward: `net.0` GEGLU, `net.1` dropout (identity at inference), `net.2` Linear."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.net = [GEGLU(dim * 4, name="net.0", dtype=dt), keras.layers.Identity(name="net.1"),
+                    keras.layers.Dense(dim, name="net.2", dtype=dt)]
+
+    def call(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(keras.layers.Layer):
+    """Self-attention, cross-attention on the text, GEGLU feed-forward; pre-LayerNorm residuals."""
+
+    def __init__(self, dim, heads, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.norm1 = layer_norm(1e-5, "norm1", dt)
+        self.attn1 = Attention(dim, heads, name="attn1", dtype=dt)
+        self.norm2 = layer_norm(1e-5, "norm2", dt)
+        self.attn2 = Attention(dim, heads, name="attn2", dtype=dt)
+        self.norm3 = layer_norm(1e-5, "norm3", dt)
+        self.ff = FeedForward(dim, name="ff", dtype=dt)
+
+    def call(self, x, context):
+        cast = lambda t: ops.cast(t, self.compute_dtype)  # noqa: E731
+        x = x + self.attn1(cast(self.norm1(x)))
+        x = x + self.attn2(cast(self.norm2(x)), context)
+        return x + self.ff(cast(self.norm3(x)))
+
+
+class Transformer2DModel(keras.layers.Layer):
+    """Spatial transformer: GN, proj_in, transformer blocks over H*W tokens, proj_out, residual.
+
+    proj_in/proj_out are Dense; 1x1-conv checkpoints (SD 1.x) load into them unchanged.
+    """
+
+    def __init__(self, channels, heads, depth, groups, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.norm = group_norm(groups, 1e-6, "norm", dt)
+        self.proj_in = keras.layers.Dense(channels, name="proj_in", dtype=dt)
+        self.transformer_blocks = [
+            BasicTransformerBlock(channels, heads, name=f"transformer_blocks.{i}", dtype=dt) for i in range(depth)
+        ]
+        self.proj_out = keras.layers.Dense(channels, name="proj_out", dtype=dt)
+
+    def call(self, x, context):
+        b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
+        t = self.proj_in(ops.reshape(ops.cast(self.norm(x), self.compute_dtype), (b, h * w, c)))
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        return x + ops.reshape(self.proj_out(t), (b, h, w, c))
+
+
+class Downsample2D(keras.layers.Layer):
+    """Stride-2 3x3 conv; pads (1,1) like the UNet's torch conv, or (0,1) like the VAE encoder."""
+
+    def __init__(self, channels, asymmetric=False, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = ((0, 1), (0, 1)) if asymmetric else ((1, 1), (1, 1))
+        self.conv = conv(channels, 3, "conv", self.dtype_policy, strides=2)
+
+    def call(self, x):
+        return self.conv(ops.pad(x, ((0, 0), *self.pad, (0, 0))))
+
+
+class Upsample2D(keras.layers.Layer):
+    """Nearest-neighbour 2x upsampling then a 3x3 conv."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = conv(channels, 3, "conv", self.dtype_policy)
+
+    def call(self, x):
+        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))

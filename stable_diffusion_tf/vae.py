@@ -1,0 +1,136 @@
+"""The KL-regularised autoencoder (Rombach et al. 2022, Sec. 3.1), laid out as diffusers' AutoencoderKL."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from .config import VAEConfig
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+
+EPS = 1e-6  # every norm in the VAE
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over H*W with its own GroupNorm and a residual (diffusers `mid_block.attentions.0`)."""
+
+    def __init__(self, channels, groups, **kwargs):
+        super().__init__(channels, 1, bias=True, **kwargs)
+        self.group_norm = group_norm(groups, EPS, "group_norm", self.dtype_policy)
+
+    def call(self, x):
+        b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
+        t = ops.reshape(ops.cast(self.group_norm(x), self.compute_dtype), (b, h * w, c))
+        return x + ops.reshape(super().call(t), (b, h, w, c))
+
+
+class VAEBlock(keras.layers.Layer):
+    """Resnets (no time embedding) and an optional down/up sampler; with `mid`, resnet-attention-resnet."""
+
+    def __init__(self, resnets, attentions=None, downsample=None, upsample=None, **kwargs):
+        super().__init__(**kwargs)
+        self.resnets = resnets
+        self.attentions = attentions
+        self.downsamplers = [downsample] if downsample is not None else None
+        self.upsamplers = [upsample] if upsample is not None else None
+
+    def call(self, x):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if self.attentions and i == 0:
+                x = self.attentions[0](x)
+        if self.downsamplers:
+            x = self.downsamplers[0](x)
+        if self.upsamplers:
+            x = self.upsamplers[0](x)
+        return x
+
+
+def _resnet(cin, cout, groups, name, dt):
+    return ResnetBlock2D(cin, cout, groups, EPS, name=name, dtype=dt)
+
+
+def _mid_block(channels, groups, dt):
+    return VAEBlock([_resnet(channels, channels, groups, "resnets.0", dt),
+                     _resnet(channels, channels, groups, "resnets.1", dt)],
+                    [VAEAttention(channels, groups, name="attentions.0", dtype=dt)], name="mid_block", dtype=dt)
+
+
+class Encoder(keras.layers.Layer):
+    """Image (B, H, W, 3) in [-1, 1] -> moments (B, H/8, W/8, 2 * latent_channels)."""
+
+    def __init__(self, config: VAEConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt, ch, g = self.dtype_policy, config.block_out_channels, config.norm_num_groups
+        self.conv_in = conv(ch[0], 3, "conv_in", dt)
+        self.down_blocks = []
+        for i, cout in enumerate(ch):
+            cin = ch[max(i - 1, 0)]
+            resnets = [_resnet(cin if j == 0 else cout, cout, g, f"resnets.{j}", dt)
+                       for j in range(config.layers_per_block)]
+            # CompVis pads (right, bottom) by one before the stride-2 conv, unlike the UNet
+            down = Downsample2D(cout, asymmetric=True, name="downsamplers.0", dtype=dt) if i < len(ch) - 1 else None
+            self.down_blocks.append(VAEBlock(resnets, downsample=down, name=f"down_blocks.{i}", dtype=dt))
+        self.mid_block = _mid_block(ch[-1], g, dt)
+        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt)
+        self.conv_out = conv(2 * config.latent_channels, 3, "conv_out", dt)
+
+    def call(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
+
+
+class Decoder(keras.layers.Layer):
+    """Latents (B, h, w, latent_channels) -> image (B, 8h, 8w, 3) in about [-1, 1]."""
+
+    def __init__(self, config: VAEConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt, ch, g = self.dtype_policy, config.block_out_channels, config.norm_num_groups
+        self.conv_in = conv(ch[-1], 3, "conv_in", dt)
+        self.mid_block = _mid_block(ch[-1], g, dt)
+        self.up_blocks = []
+        prev = ch[-1]
+        for i, level in enumerate(reversed(range(len(ch)))):
+            cout = ch[level]
+            resnets = [_resnet(prev if j == 0 else cout, cout, g, f"resnets.{j}", dt)
+                       for j in range(config.layers_per_block + 1)]
+            up = Upsample2D(cout, name="upsamplers.0", dtype=dt) if level > 0 else None
+            self.up_blocks.append(VAEBlock(resnets, upsample=up, name=f"up_blocks.{i}", dtype=dt))
+            prev = cout
+        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt)
+        self.conv_out = conv(config.out_channels, 3, "conv_out", dt)
+
+    def call(self, x):
+        x = self.mid_block(self.conv_in(x))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
+
+
+class AutoencoderKL(keras.Model):
+    """Encoder/decoder pair with the 1x1 `quant_conv` / `post_quant_conv` around the latent."""
+
+    def __init__(self, config: VAEConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.config = config
+        self.encoder = Encoder(config, name="encoder", dtype=dt)
+        self.decoder = Decoder(config, name="decoder", dtype=dt)
+        self.quant_conv = conv(2 * config.latent_channels, 1, "quant_conv", dt)
+        self.post_quant_conv = conv(config.latent_channels, 1, "post_quant_conv", dt)
+
+    def encode(self, images):
+        """Images (B, H, W, 3) in [-1, 1] -> posterior (mean, logvar), each (B, H/8, W/8, C), unscaled."""
+        moments = self.quant_conv(self.encoder(images))
+        mean, logvar = ops.split(moments, 2, axis=-1)
+        return mean, ops.clip(logvar, -30.0, 20.0)
+
+    def decode(self, latents):
+        """Unscaled latents (B, h, w, C) -> images (B, 8h, 8w, 3) in about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(latents))
+
+    def call(self, images):
+        return self.decode(self.encode(images)[0])

@@ -1,0 +1,241 @@
+"""Build the three networks and fill them from a single-file checkpoint or a diffusers folder.
+
+Tensors are matched by name (see `names.py`), fetched one at a time from a lazy `TensorFile`,
+so peak memory is the model plus one tensor. Every tensor of a model part is used or explicitly
+ignored; the model family is read from key names and shapes before any variable is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..clip import CLIPTextModel
+from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from ..errors import CheckpointError, UnsupportedModelError
+from ..unet import UNet
+from ..vae import AutoencoderKL
+from . import names
+from .assign import assign
+from .formats import TensorFile, open_checkpoint
+
+# Tensors of SD training checkpoints that inference does not use.
+IGNORED = re.compile(
+    r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_alphas_cumprod$|posterior_|"
+    r"logvar$|lvlb_weights$|.*position_ids$|.*\.num_batches_tracked$)"
+)
+TINY_LATENT = 8  # spatial size of the dummy call that creates the variables
+
+
+@dataclass
+class Models:
+    """The loaded networks and the config they were built from."""
+
+    config: ModelConfig
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: AutoencoderKL
+
+
+def build_models(config: ModelConfig, dtype="float32") -> Models:
+    """Creates the three networks with their variables (values are overwritten by the loader)."""
+    text_encoder = CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype)
+    unet = UNet(config.unet, name="unet", dtype=dtype)
+    vae = AutoencoderKL(config.vae, name="vae", dtype=dtype)
+    length = config.text_encoder.max_position_embeddings
+    context = text_encoder(np.zeros((1, length), "int32"))
+    size = max(TINY_LATENT, 2 ** (len(config.unet.block_out_channels) - 1))
+    unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
+    vae_factor = 2 ** (len(config.vae.block_out_channels) - 1)
+    vae.decode(np.zeros((1, 2, 2, config.vae.latent_channels), "float32"))
+    vae.encode(np.zeros((1, vae_factor, vae_factor, config.vae.in_channels), "float32"))
+    return Models(config, text_encoder, unet, vae)
+
+
+def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Models:
+    """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return _load_diffusers_folder(source, config, dtype)
+    with open_checkpoint(source) as file:
+        family = detect_family(file)
+        if family != "sd1":
+            raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; this version loads SD 1.x")
+        config = config or infer_config(file)
+        models = build_models(config, dtype)
+        used: set[str] = set()
+        assign(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source)
+        assign(models.vae, _getter(file, lambda n: [names.vae_compvis(n, config.vae)], used), source)
+        assign(models.text_encoder, _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used), source)
+        _check_leftovers(source, [k for k in file.keys() if k not in used])
+    return models
+
+
+def _getter(file: TensorFile, candidates, used: set[str]):
+    """`get(name) -> (file key, tensor)` over the first candidate key present; records the keys it used."""
+    def get(name):
+        for key in candidates(name):
+            if key in file:
+                used.add(key)
+                return key, file.get(key)
+        raise KeyError(candidates(name)[0])
+    return get
+
+
+def _check_leftovers(source: str, keys: list[str]) -> None:
+    parts = (names.UNET_PREFIX, names.VAE_PREFIX, names.CLIP_PREFIX)
+    unknown = [k for k in keys if not IGNORED.match(k)]
+    inside = [k for k in unknown if k.startswith(parts)]
+    if inside:
+        raise CheckpointError(f"{source}: unexpected tensor {inside[0]} ({len(inside)} in all); "
+                              "the file does not match the SD 1.x architecture")
+    if unknown:
+        warnings.warn(f"{source}: ignored {len(unknown)} tensors outside the model, e.g. {unknown[0]}", stacklevel=3)
+
+
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
+                "sd1-inpainting": "Stable Diffusion 1.x inpainting (9-channel UNet)",
+                "sd2-inpainting": "Stable Diffusion 2.x inpainting (9-channel UNet)"}
+
+
+def detect_family(file: TensorFile) -> str:
+    """'sd1', 'sd2', 'sdxl', 'sd1-inpainting' or 'sd2-inpainting' from key names and shapes; raises otherwise."""
+    keys = file.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.") or any(k.startswith(names.UNET_PREFIX + "label_emb") for k in keys):
+        return "sdxl"
+    if not has(names.UNET_PREFIX):
+        if has("encoder.") and has("decoder.") or has(names.VAE_PREFIX):
+            raise CheckpointError(f"{file.path}: a VAE-only file, not a whole Stable Diffusion checkpoint")
+        if has("down_blocks.") or has("text_model."):
+            raise CheckpointError(f"{file.path}: one diffusers component; pass the whole diffusers folder instead")
+        raise CheckpointError(f"{file.path}: not a Stable Diffusion checkpoint (no {names.UNET_PREFIX}* tensors)")
+    context_key = next((k for k in keys if k.endswith("attn2.to_k.weight") and k.startswith(names.UNET_PREFIX)), None)
+    sd2 = has("cond_stage_model.model.") or (context_key is not None and file.shape(context_key)[1] == 1024)
+    conv_in = names.UNET_PREFIX + "input_blocks.0.0.weight"
+    inpainting = conv_in in file and file.shape(conv_in)[1] == 9
+    family = "sd2" if sd2 else "sd1"
+    return f"{family}-inpainting" if inpainting else family
+
+
+def _indices(keys, pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
+
+
+def infer_config(file: TensorFile) -> ModelConfig:
+    """Reads every size of an SD 1.x single file from its tensor shapes (head counts follow SD 1.x: 8 and width/64)."""
+    keys, shape, p = file.keys(), file.shape, names.UNET_PREFIX
+    try:
+        ops = _indices(keys, re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight")
+        per_level = ops[0]
+        levels = len(ops) + 1
+        first = [1 + i * per_level for i in range(levels)]
+        channels = tuple(shape(f"{p}input_blocks.{b}.0.out_layers.3.weight")[0] for b in first)
+        attention = tuple(f"{p}input_blocks.{b}.1.proj_in.weight" in file for b in first)
+        a = next(b for b, has in zip(first, attention) if has)
+        depth = len(_indices(keys, re.escape(f"{p}input_blocks.{a}.1.transformer_blocks.") + r"(\d+)\."))
+        unet = UNetConfig(
+            in_channels=shape(f"{p}input_blocks.0.0.weight")[1],
+            out_channels=shape(f"{p}out.2.weight")[0],
+            block_out_channels=channels,
+            attention_levels=attention,
+            layers_per_block=per_level - 1,
+            num_attention_heads=(8,) * levels,
+            transformer_layers_per_block=depth,
+            cross_attention_dim=shape(f"{p}input_blocks.{a}.1.transformer_blocks.0.attn2.to_k.weight")[1],
+            use_linear_projection=len(shape(f"{p}input_blocks.{a}.1.proj_in.weight")) == 2,
+        )
+        v = names.VAE_PREFIX + "encoder."
+        vae_levels = _indices(keys, re.escape(v) + r"down\.(\d+)\.block\.0\.conv1\.weight")
+        vae = VAEConfig(
+            in_channels=shape(f"{v}conv_in.weight")[1],
+            out_channels=shape(f"{names.VAE_PREFIX}decoder.conv_out.weight")[0],
+            latent_channels=shape(f"{names.VAE_PREFIX}post_quant_conv.weight")[0],
+            block_out_channels=tuple(shape(f"{v}down.{i}.block.0.conv1.weight")[0] for i in vae_levels),
+            layers_per_block=len(_indices(keys, re.escape(v) + r"down\.0\.block\.(\d+)\.conv1\.weight")),
+        )
+        t = next(c for c in names.clip_names("", names.CLIP_PREFIX) if c + "embeddings.token_embedding.weight" in file)
+        vocab, width = shape(t + "embeddings.token_embedding.weight")
+        clip = CLIPConfig(
+            vocab_size=vocab, hidden_size=width,
+            intermediate_size=shape(t + "encoder.layers.0.mlp.fc1.weight")[0],
+            num_hidden_layers=len(_indices(keys, re.escape(t + "encoder.layers.") + r"(\d+)\.")),
+            num_attention_heads=max(width // 64, 1),
+            max_position_embeddings=shape(t + "embeddings.position_embedding.weight")[0],
+        )
+    except (KeyError, IndexError, StopIteration) as e:
+        raise CheckpointError(f"{file.path}: incomplete SD 1.x checkpoint (cannot read the model sizes: {e})") from None
+    return ModelConfig("sd1", clip, unet, vae)
+
+
+COMPONENT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"),
+}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a diffusers folder needs unet/, vae/ and text_encoder/)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: config is not a JSON object")
+    return value
+
+
+def read_folder_config(folder: str) -> ModelConfig:
+    """The ModelConfig of a diffusers folder from its config.json files; rejects families not loaded yet."""
+    unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"))
+    try:
+        unet = UNetConfig.from_diffusers(unet_cfg)
+        vae = VAEConfig.from_diffusers(_read_json(os.path.join(folder, "vae", "config.json")))
+        clip = CLIPConfig.from_diffusers(_read_json(os.path.join(folder, "text_encoder", "config.json")))
+    except (KeyError, TypeError, ValueError) as e:
+        if unet_cfg.get("addition_embed_type") == "text_time":
+            raise UnsupportedModelError(f"{folder}: SDXL model; this version loads SD 1.x") from None
+        raise CheckpointError(f"{folder}: unsupported or broken config ({e})") from None
+    family = "sd2" if unet.cross_attention_dim == 1024 else "sd1"
+    if unet_cfg.get("addition_embed_type") == "text_time" or unet.cross_attention_dim == 2048:
+        family = "sdxl"
+    elif unet.in_channels == 9:
+        family += "-inpainting"
+    if family != "sd1":
+        raise UnsupportedModelError(f"{folder}: {FAMILY_NAMES[family]} model; this version loads SD 1.x")
+    return ModelConfig("sd1", clip, unet, vae)
+
+
+def _component_file(folder: str, part: str) -> str:
+    for filename in COMPONENT_FILES[part]:
+        path = os.path.join(folder, part, filename)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{os.path.join(folder, part)}: no weights file (looked for {', '.join(COMPONENT_FILES[part])})")
+
+
+def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
+    config = config or read_folder_config(folder)
+    models = build_models(config, dtype)
+    parts = {"unet": (models.unet, lambda n: [n]), "vae": (models.vae, names.vae_diffusers),
+             "text_encoder": (models.text_encoder, names.clip_names)}
+    for part, (model, candidates) in parts.items():
+        path = _component_file(folder, part)
+        with open_checkpoint(path) as file:
+            used: set[str] = set()
+            assign(model, _getter(file, candidates, used), path)
+            extra = [k for k in file.keys() if k not in used and not IGNORED.match(k)]
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+    return models

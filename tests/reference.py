@@ -1,0 +1,135 @@
+"""Tiny random reference models (diffusers / transformers on torch) saved in the layouts people have.
+
+Layouts: CompVis single file (.safetensors and torch .ckpt, Lightning-style with EMA and schedule
+buffers), and a diffusers folder. The CompVis names come from our own mapping, and are checked
+against diffusers' own CompVis -> diffusers converter, so the fixtures are what real files hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from stable_diffusion_tf.config import UNetConfig, VAEConfig
+from stable_diffusion_tf.weights import names
+
+CLIP_KW = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu")
+UNET_KW = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
+VAE_KW = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
+              layers_per_block=1, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Moves every parameter off its initial value (norms around 1, the rest perturbed) so no layer is an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and ("norm" in name or "layer_norm" in name):
+                p.copy_(1 + 0.1 * noise) if name.endswith("weight") else p.copy_(0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(noise / np.sqrt(fan_in))
+    return module.eval()
+
+
+def build_reference(seed: int = 0):
+    """(text_encoder, unet, vae) torch models with random weights."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    text_encoder = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_KW)), seed)
+    unet = randomize(diffusers.UNet2DConditionModel(**UNET_KW), seed + 1)
+    vae = randomize(diffusers.AutoencoderKL(**VAE_KW), seed + 2)
+    return text_encoder, unet, vae
+
+
+def _numpy(sd: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def text_encoder_state(text_encoder, prefix: str = "text_model.") -> dict:
+    """The text encoder's tensors as transformers 4.x wrote them (`text_model.` prefix) or, with "", as 5.x does."""
+    return {prefix + k.removeprefix("text_model."): v for k, v in _numpy(text_encoder.state_dict()).items()}
+
+
+def compvis_state(text_encoder, unet, vae) -> dict:
+    """The three models as one CompVis-layout state dict (the SD 1.x single-file checkpoint)."""
+    ucfg = UNetConfig.from_diffusers(dict(unet.config))
+    vcfg = VAEConfig.from_diffusers(dict(vae.config))
+    out = {names.unet_compvis(k, ucfg): v for k, v in _numpy(unet.state_dict()).items()}
+    for k, v in _numpy(vae.state_dict()).items():
+        if ".mid_block.attentions.0." in k and v.ndim == 2:  # CompVis stores the VAE attention as 1x1 convs
+            v = v[:, :, None, None]
+        out[names.vae_compvis(k, vcfg)] = v
+    out.update(text_encoder_state(text_encoder, prefix=names.CLIP_PREFIX + "text_model."))
+    check_against_diffusers(out, text_encoder, unet, vae)
+    return out
+
+
+def check_against_diffusers(compvis: dict, text_encoder, unet, vae) -> None:
+    """diffusers' own CompVis converter must give back every tensor of the reference models."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    pairs = [
+        (sfu.convert_ldm_unet_checkpoint(compvis, dict(unet.config)), unet.state_dict()),
+        (sfu.convert_ldm_vae_checkpoint(compvis, dict(vae.config)), vae.state_dict()),
+        (sfu.convert_ldm_clip_checkpoint(compvis), text_encoder_state(text_encoder)),
+    ]
+    for converted, original in pairs:
+        assert set(converted) == set(original), sorted(set(converted) ^ set(original))[:5]
+        for k, v in original.items():
+            assert torch.equal(converted[k].reshape(v.shape), v), k
+
+
+def add_training_extras(state: dict) -> dict:
+    """What real SD training checkpoints also carry: EMA copies, schedule buffers, position_ids."""
+    extras = {"betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.rand(1000),
+              "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(100),
+              names.CLIP_PREFIX + "text_model.embeddings.position_ids": torch.arange(77)[None]}
+    for k in list(state)[:5]:
+        extras["model_ema." + k.removeprefix(names.UNET_PREFIX).replace(".", "")] = state[k].clone()
+    return {**state, **extras}
+
+
+def save_all(directory: str, text_encoder, unet, vae) -> dict:
+    """Writes the CompVis .safetensors and .ckpt and a diffusers folder; returns their paths."""
+    from safetensors.torch import save_file
+
+    state = add_training_extras(compvis_state(text_encoder, unet, vae))
+    paths = {"safetensors": os.path.join(directory, "tiny.safetensors"),
+             "ckpt": os.path.join(directory, "tiny.ckpt"),
+             "diffusers": os.path.join(directory, "tiny-diffusers")}
+    save_file({k: v.contiguous() for k, v in state.items()}, paths["safetensors"])
+    torch.save({"state_dict": state, "global_step": 840000, "epoch": 6}, paths["ckpt"])
+    folder = paths["diffusers"]
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
+    text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
+    save_file(text_encoder_state(text_encoder), os.path.join(folder, "text_encoder", "model.safetensors"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "PNDMScheduler", **SCHEDULER}, f)
+    return paths
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)
