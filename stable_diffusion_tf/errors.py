@@ -15,3 +15,7 @@ class UnsupportedModelError(CheckpointError):
 
 class InputError(StableDiffusionError, ValueError):
     """A bad argument: size, steps, guidance scale, prompt, image, output path."""
+
+
+class OutputError(StableDiffusionError):
+    """An output file that cannot be written (bad path, existing file, full disk, read-only directory)."""

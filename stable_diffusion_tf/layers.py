@@ -185,11 +185,17 @@ class Downsample2D(keras.layers.Layer):
 
 
 class Upsample2D(keras.layers.Layer):
-    """Nearest-neighbour 2x upsampling then a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to the skip's size when the latent size is odd) then a 3x3 conv."""
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
         self.conv = conv(channels, 3, "conv", self.dtype_policy)
 
-    def call(self, x):
-        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+    def call(self, x, size=None):
+        h, w = x.shape[1], x.shape[2]
+        if size is None or tuple(size) == (2 * h, 2 * w):
+            return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+        # torch's F.interpolate(mode="nearest", size=...) takes source index floor(i * in / out)
+        rows = (ops.arange(size[0]) * h) // size[0]
+        cols = (ops.arange(size[1]) * w) // size[1]
+        return self.conv(ops.take(ops.take(x, rows, axis=1), cols, axis=2))

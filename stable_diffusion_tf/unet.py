@@ -36,7 +36,7 @@ class UNetBlock(keras.layers.Layer):
         self.upsamplers = [upsample] if upsample is not None else None
         self.mid = mid
 
-    def call(self, x, temb, context, skips=None):
+    def call(self, x, temb, context, skips=None, upsample_size=None):
         """Returns the output and, for down blocks, the hidden states each sub-step adds to the skips."""
         outputs = []
         if self.mid:
@@ -54,7 +54,7 @@ class UNetBlock(keras.layers.Layer):
             x = self.downsamplers[0](x)
             outputs.append(x)
         if self.upsamplers:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, size=upsample_size)
         return x, outputs
 
 
@@ -124,7 +124,8 @@ class UNet(keras.Model):
         x, _ = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
-            x, _ = block(x, temb, context, skips=skips[-n:])
+            size = tuple(skips[-n - 1].shape[1:3]) if len(skips) > n else None  # diffusers' forward_upsample_size
+            x, _ = block(x, temb, context, skips=skips[-n:], upsample_size=size)
             del skips[-n:]
         x = ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype))
         return self.conv_out(x)

@@ -121,10 +121,35 @@ def save_all(directory: str, text_encoder, unet, vae) -> dict:
     os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
     text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
     save_file(text_encoder_state(text_encoder), os.path.join(folder, "text_encoder", "model.safetensors"))
+    reference_tokenizer(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump({"_class_name": "PNDMScheduler", **SCHEDULER}, f)
     return paths
+
+
+def reference_tokenizer(folder: str):
+    """transformers.CLIPTokenizer saved to `folder` from vocab.json / merges.txt written from the shipped gz."""
+    import gzip
+
+    import transformers
+
+    from stable_diffusion_tf.tokenizer import DEFAULT_VOCAB_PATH
+
+    with gzip.open(DEFAULT_VOCAB_PATH, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # CLIP's bytes_to_unicode order
+    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # transformers 5.x: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files and builds a
+    # 3-token vocabulary; only from_pretrained reads them.  CLIPTokenizerFast is the same class in 5.x.
+    return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77)
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:

@@ -111,6 +111,8 @@ class _View:
 
 
 class _Pickler(pickle.Pickler):
+    """Writes _Store objects as torch storage references, as torch.save does."""
+
     def persistent_id(self, obj):
         return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel) if isinstance(obj, _Store) else None
 
@@ -138,9 +140,11 @@ def saved(tmp_path_factory):
     """A .ckpt, a Lightning .ckpt and a .safetensors of _state_dict(), plus the state dict."""
     root, state = tmp_path_factory.mktemp("saved"), _state_dict()
     torch.save(state, root / "plain.ckpt")
-    lightning = {"state_dict": state, "global_step": 7, "epoch": 1, "hparams": {"lr": 1e-4, "name": "sd"}}
+    lightning = {"state_dict": state, "global_step": 7, "epoch": 1, "pytorch-lightning_version": "1.4.2",
+                 "hparams": {"lr": 1e-4, "name": "sd", "dtype": torch.float16}, "optimizer_states": [{"lr": 0.1}]}
     torch.save(lightning, root / "lightning.ckpt")
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, root / "model.safetensors")
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, root / "model.safetensors",
+              metadata={"format": "pt"})
     return root, state
 
 
@@ -165,6 +169,9 @@ def test_non_tensor_entries_ignored_and_compressed_members(saved, tmp_path):
     torch.save({"a": state["w32"], "step": 3, "meta": {"x": 1.5}}, tmp_path / "mixed.pt")
     with open_checkpoint(tmp_path / "mixed.pt") as f:
         assert f.keys() == ["a"] and "step" not in f
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    torch.save(module.state_dict(), tmp_path / "module.bin")  # an OrderedDict carrying _metadata
+    _check_same(tmp_path / "module.bin", module.state_dict())
     _write_zip(tmp_path / "deflated.ckpt", _members(root / "plain.ckpt"), zipfile.ZIP_DEFLATED)
     _check_same(tmp_path / "deflated.ckpt", state)
 
@@ -200,6 +207,7 @@ def test_get_errors(saved):
 
 
 def _payloads(canary) -> dict:
+    """Pickles that run `touch canary` (or reach numpy/torch internals) when loaded without restriction."""
     command = f"touch {canary}"
     code = f"__import__('os').system({command!r})"
     return {
@@ -209,12 +217,15 @@ def _payloads(canary) -> dict:
         "builtins.exec": pickle.dumps({"w": _Reduce(exec, (code,))}, protocol=4),
         "numpy runstring": _call("numpy.testing._private.utils", "runstring", f"import os; os.system({command!r})", {}),
         "numpy _reconstruct": pickle.dumps({"w": np.arange(3)}, protocol=2),
+        "numpy.core _reconstruct": _call("numpy.core.multiarray", "_reconstruct", 0, (0,), b"b"),
         "torch _load_from_bytes": _call("torch.storage", "_load_from_bytes", b"\x80\x02."),
         "nested in state_dict": pickle.dumps({"state_dict": {"ok": 1, "w": _Reduce(os.system, (command,))}}, 2),
     }
 
 
 class _Reduce:
+    """Pickles as a call of func(*args)."""
+
     def __init__(self, func, args):
         self.func, self.args = func, args
 
@@ -222,9 +233,11 @@ class _Reduce:
         return self.func, self.args
 
 
-def test_payload_is_live(tmp_path):
-    """The os.system payload really runs under plain pickle, so refusing it below means something."""
-    pickle.loads(_call("posix", "system", f"touch {tmp_path / 'live'}"))
+@pytest.mark.parametrize("kind", ["posix.system", "builtins.eval", "builtins.exec", "numpy runstring",
+                                  "nested in state_dict"])
+def test_payload_is_live(tmp_path, kind):
+    """The payloads really run code under plain pickle, so refusing them below means something."""
+    pickle.loads(_payloads(tmp_path / "live")[kind])
     assert (tmp_path / "live").exists()
 
 
@@ -232,7 +245,8 @@ def test_payload_is_live(tmp_path):
 def test_hostile_pickle_refused(saved, tmp_path, kind):
     root, _ = saved
     canary = tmp_path / "canary"
-    path = _write_zip(tmp_path / "evil.ckpt", _replace(_members(root / "plain.ckpt"), "data.pkl", _payloads(canary)[kind]))
+    members = _replace(_members(root / "plain.ckpt"), "data.pkl", _payloads(canary)[kind])
+    path = _write_zip(tmp_path / "evil.ckpt", members)
     with pytest.raises(CheckpointError, match="refuses to load global") as error:
         with open_checkpoint(path) as f:
             [f.get(k) for k in f.keys()]
@@ -244,6 +258,7 @@ def test_hostile_pickle_refused(saved, tmp_path, kind):
 
 
 def _ckpt(root) -> list:
+    """Members of the saved plain.ckpt (its folder is named `plain`)."""
     return _members(root / "plain.ckpt")
 
 
@@ -264,16 +279,18 @@ BROKEN = {
     "bad dtype": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "dtype": "X9"}}, bytes(8)), "unsupported dtype"),
     "negative shape": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [-2]}}, bytes(8)), "non-negative"),
     "header not json": (lambda p, r: _safetensors(p, "{]", b""), "not valid JSON"),
-    "dotdot member": (lambda p, r: _write_zip(p, _ckpt(r) + [("archive/../evil", b"x")]), "unsafe"),
+    "dotdot member": (lambda p, r: _write_zip(p, _ckpt(r) + [("plain/../evil", b"x")]), "unsafe"),
     "absolute member": (lambda p, r: _write_zip(p, _ckpt(r) + [("/etc/evil", b"x")]), "unsafe"),
     "two data.pkl": (lambda p, r: _write_zip(p, _ckpt(r) + [("other/data.pkl", b"x")]), "data.pkl"),
     "duplicate member": (lambda p, r: _write_zip(p, _ckpt(r) + _ckpt(r)[:1]), "duplicate"),
-    "stray member": (lambda p, r: _write_zip(p, _ckpt(r) + [("archive/code/x.py", b"x")]), "does not belong"),
+    "stray member": (lambda p, r: _write_zip(p, _ckpt(r) + [("plain/code/x.py", b"x")]), "does not belong"),
     "byteorder big": (lambda p, r: _write_zip(p, _replace(_ckpt(r), "byteorder", b"big")), "byteorder"),
     "short storage": (lambda p, r: _crafted(p, {"w": _View(_STORE, 0, (4,), (1,))}, {"0": bytes(12)}), "holds 12"),
     "missing storage": (lambda p, r: _crafted(p, {"w": _View(_STORE, 0, (4,), (1,))}, {}), "missing"),
     "view past storage": (lambda p, r: _crafted(p, {"w": _View(_STORE, 1, (2, 2), (2, 1))}, {"0": bytes(16)}),
                           "exceeds"),
+    "expanded past storage": (lambda p, r: _crafted(p, {"w": _View(_STORE, 0, (10**12,), (0,))}, {"0": bytes(16)}),
+                              "more elements"),
     "corrupt storage": (lambda p, r: _write_zip(p, _ckpt(r)) and _flip_member(p, "/data/0"), "CRC"),
     "corrupt deflated": (lambda p, r: _write_zip(p, _ckpt(r), zipfile.ZIP_DEFLATED) and _flip_member(p, "/data/0"),
                          "cannot read"),
@@ -394,7 +411,8 @@ def test_peak_memory(tmp_path, suffix):
     if shutil.disk_usage(tmp_path).free < 1 << 30:
         pytest.skip("needs 1 GiB free in the temporary directory")
     rng = np.random.default_rng(0)
-    tensors = {f"t{i}": rng.standard_normal(n, dtype=np.float32) for i, n in enumerate([20 << 20, 15 << 20, 10 << 20, 5 << 20])}
+    sizes = [20 << 20, 15 << 20, 10 << 20, 5 << 20]  # 200 MB of float32 in four tensors
+    tensors = {f"t{i}": rng.standard_normal(n, dtype=np.float32) for i, n in enumerate(sizes)}
     path = tmp_path / f"big.{suffix}"
     if suffix == "ckpt":
         torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)

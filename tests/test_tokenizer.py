@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 import pytest
 
+from reference import reference_tokenizer
+
 from stable_diffusion_tf.errors import InputError
 from stable_diffusion_tf.tokenizer import DEFAULT_VOCAB_PATH, CLIPTokenizer
 
@@ -89,20 +91,9 @@ PROMPTS = HAND_WRITTEN + random_prompts(N_RANDOM)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory):
-    """transformers.CLIPTokenizer from vocab.json / merges.txt written here from the shipped gz (no network)."""
-    transformers = pytest.importorskip("transformers")
-    with gzip.open(DEFAULT_VOCAB_PATH, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # CLIP's bytes_to_unicode order
-    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    # transformers 5.x: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files and builds a
-    # 3-token vocabulary; only from_pretrained reads them.  CLIPTokenizerFast is the same class in 5.x.
-    ref = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    """transformers.CLIPTokenizer from vocab.json / merges.txt written from the shipped gz (no network)."""
+    pytest.importorskip("transformers")
+    ref = reference_tokenizer(str(tmp_path_factory.mktemp("clip_vocab")))
     assert ref("a photo of an astronaut riding a horse")["input_ids"] == ASTRONAUT_IDS
     return ref
 

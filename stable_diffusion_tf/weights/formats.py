@@ -145,9 +145,6 @@ class TensorFile:
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
 
-    def __len__(self) -> int:
-        return len(self._tensors)
-
     def _entry(self, key: str) -> _Tensor:
         """The view for a key, or a CheckpointError naming it."""
         try:
@@ -294,17 +291,17 @@ def _safetensors_index(path: str, fh: Any) -> dict[str, _Tensor]:
                 and offsets[0] <= offsets[1]):
             raise _error(path, f"tensor {key!r} data_offsets {offsets!r} are not [begin, end] with begin <= end")
         numel = math.prod(shape)
-        if numel * np.dtype(_NUMPY[dtype]).itemsize != offsets[1] - offsets[0]:
-            raise _error(path, f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes but {shape} {dtype} needs "
-                         f"{numel * np.dtype(_NUMPY[dtype]).itemsize}")
+        if (nbytes := numel * np.dtype(_NUMPY[dtype]).itemsize) != offsets[1] - offsets[0]:
+            raise _error(path, f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes but {shape} {dtype} "
+                         f"needs {nbytes}")
         storage = _Storage(f"tensor {key!r}", dtype, numel, data_start + offsets[0], None)
         tensors[key] = _Tensor(storage, 0, tuple(shape), _contiguous(tuple(shape)))
         spans.append((offsets[0], offsets[1], key))
     end, previous = 0, None
     for begin, stop, key in sorted(spans):
         if begin != end:
-            kind = "overlap" if begin < end else "hole"
-            raise _error(path, f"safetensors data has an {kind} between tensors {previous!r} and {key!r}")
+            kind = "an overlap" if begin < end else "a hole"
+            raise _error(path, f"safetensors data has {kind} between tensors {previous!r} and {key!r}")
         end, previous = stop, key
     if end != data_len:
         what = "is truncated" if end > data_len else "has trailing bytes"
@@ -334,6 +331,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
     if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(map(_is_count, size)) and all(map(_is_count, stride))):
         raise _Bad(f"tensor on {storage.name} has a malformed offset/size/stride {offset!r} {size!r} {stride!r}")
+    if math.prod(size) > storage.numel:  # also bounds what get() allocates for a zero-stride (expanded) view
+        raise _Bad(f"tensor view {size} has more elements than {storage.name} ({storage.numel})")
     if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
         raise _Bad(f"tensor view {size} stride {stride} at offset {offset} exceeds {storage.name} "
                    f"({storage.numel} elements)")
@@ -374,29 +373,12 @@ class _Unpickler(pickle.Unpickler):
         return self._storage(kind.dtype, key, numel)
 
 
-def _torch_zip_index(path: str, fh: Any) -> tuple[zipfile.ZipFile, dict[str, _Tensor]]:
-    """Check a torch.save zip's members, unpickle data.pkl with the restricted unpickler, return its tensors."""
-    try:
-        archive = zipfile.ZipFile(fh)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as exc:
-        raise _error(path, f"is not a readable zip archive, truncated or corrupt ({exc})") from None
-    try:
-        return archive, _torch_tensors(path, fh, archive)
-    except BaseException:
-        archive.close()
-        raise
-
-
-def _torch_tensors(path: str, fh: Any, archive: zipfile.ZipFile) -> dict[str, _Tensor]:
-    """The tensor dict of an open torch.save archive (see _torch_zip_index)."""
-    infos = archive.infolist()
-    members = {info.filename: info for info in infos}
-    if len(members) != len(infos):
-        raise _error(path, "zip archive has duplicate member names")
+def _torch_root(path: str, members: dict[str, zipfile.ZipInfo]) -> str:
+    """Check that zip members are exactly a torch.save layout (one folder, one data.pkl); return the folder."""
     roots = set()
     for name, info in members.items():
         if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")):
-            raise _error(path, f"zip member name {name!r} is unsafe (absolute or containing '..')")
+            raise _error(path, f"zip member name {name!r} is unsafe (absolute, empty or '..' path parts)")
         match = _MEMBER.match(name)
         if match is None:
             raise _error(path, f"zip member {name!r} does not belong in a torch.save checkpoint")
@@ -410,14 +392,26 @@ def _torch_tensors(path: str, fh: Any, archive: zipfile.ZipFile) -> dict[str, _T
     if len(pickles) != 1 or len(roots) != 1:
         raise _error(path, f"zip archive has {len(pickles)} data.pkl under {len(roots)} top-level folders, "
                      "expected exactly one (not a torch.save checkpoint)")
-    root = roots.pop()
+    if members[pickles[0]].file_size > _MAX_PICKLE:
+        raise _error(path, f"data.pkl is {members[pickles[0]].file_size} bytes, over the cap")
+    return roots.pop()
+
+
+def _torch_zip_index(path: str, fh: Any) -> tuple[zipfile.ZipFile, dict[str, _Tensor]]:
+    """Check a torch.save zip, unpickle data.pkl with the restricted unpickler and return its tensors."""
     try:
+        archive = zipfile.ZipFile(fh)  # wraps fh without owning it: open_checkpoint closes fh on failure
+        infos = archive.infolist()
+        members = {info.filename: info for info in infos}
+        if len(members) != len(infos):
+            raise _error(path, "zip archive has duplicate member names")
+        root = _torch_root(path, members)
         byteorder = archive.read(members[f"{root}/byteorder"]) if f"{root}/byteorder" in members else b"little"
-        if members[pickles[0]].file_size > _MAX_PICKLE:
-            raise _error(path, f"data.pkl is {members[pickles[0]].file_size} bytes, over the cap")
-        data = archive.read(members[pickles[0]])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
-        raise _error(path, f"cannot read the zip archive ({exc})") from None
+        data = archive.read(members[f"{root}/data.pkl"])
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise _error(path, f"is not a readable zip archive, truncated or corrupt ({exc})") from None
     if byteorder != b"little":
         raise _error(path, f"byteorder is {byteorder[:16]!r}; only little-endian checkpoints are supported")
     size = os.fstat(fh.fileno()).st_size
@@ -458,4 +452,4 @@ def _torch_tensors(path: str, fh: Any, archive: zipfile.ZipFile) -> dict[str, _T
         obj = obj["state_dict"]  # a Lightning checkpoint, as SD .ckpt files are
     if not isinstance(obj, dict):
         raise _error(path, f"holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Tensor)}
+    return archive, {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Tensor)}

@@ -51,7 +51,7 @@ def build_models(config: ModelConfig, dtype="float32") -> Models:
     context = text_encoder(np.zeros((1, length), "int32"))
     size = max(TINY_LATENT, 2 ** (len(config.unet.block_out_channels) - 1))
     unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
-    vae_factor = 2 ** (len(config.vae.block_out_channels) - 1)
+    vae_factor = 2 ** len(config.vae.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
     vae.decode(np.zeros((1, 2, 2, config.vae.latent_channels), "float32"))
     vae.encode(np.zeros((1, vae_factor, vae_factor, config.vae.in_channels), "float32"))
     return Models(config, text_encoder, unet, vae)

@@ -1,0 +1,209 @@
+"""`text2image`: the command line for StableDiffusion.text_to_image.
+
+Every flag is checked before TensorFlow is imported or weights are loaded; a bad one gives one
+`text2image: error:` line on stderr and exit code 2, and no file is written. Status goes to stderr,
+the written paths and seeds to stdout. Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's own logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+
+PROG = "text2image"
+# Mirrors samplers.SAMPLERS (tests check they agree); importing it here would import TensorFlow before --help.
+SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm++2m", "dpm++2m_karras", "unipc")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 64
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage block), so scripts can show it as is."""
+
+    def error(self, message: str):
+        _print_error(message)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _int_in(low: int, high: int, multiple: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high or value % multiple:
+            what = f"a multiple of {multiple} " if multiple > 1 else "an integer "
+            raise argparse.ArgumentTypeError(f"must be {what}between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate images from a text prompt with Stable Diffusion (TensorFlow).",
+                epilog="With --batch N > 1 the files are numbered: out.png -> out-0.png, out-1.png, ... "
+                       "Each PNG stores its recipe (prompt, steps, sampler, seed...) in a 'parameters' text chunk.")
+    p.add_argument("--prompt", required=True, help="the text to draw")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--output", default="output.png", help="PNG file to write (default: output.png)")
+    p.add_argument("--H", type=_int_in(64, 2048, 8), default=512, help="image height, multiple of 8 (default: 512)")
+    p.add_argument("--W", type=_int_in(64, 2048, 8), default=512, help="image width, multiple of 8 (default: 512)")
+    p.add_argument("--steps", type=_int_in(1, 1000), default=50, help="denoising steps (default: 50)")
+    p.add_argument("--scale", type=_guidance_scale, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None,
+                   help="random seed; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
+    p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=1, help="number of images (default: 1)")
+    p.add_argument("--weights", default=None,
+                   help="a .safetensors/.ckpt file, a diffusers folder or a Hub repo id "
+                        "(default: Stable Diffusion 1.5 from the Hugging Face Hub)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--precision", choices=PRECISIONS, default=None, help="compute precision (default: float32)")
+    precision.add_argument("--mp", action="store_true",
+                           help="mixed precision: mixed_float16 on a GPU, mixed_bfloat16 on CPU")
+    p.add_argument("--jit", action="store_true", help="compile with XLA (slow first step, faster after)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no status messages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 2 bad argument or library error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from .errors import StableDiffusionError
+    from .output import check_output_path, numbered_paths
+
+    try:
+        if args.seed is not None and args.seed + args.batch - 1 > MAX_SEED:
+            return _fail(f"argument --seed: seed + batch - 1 must be at most {MAX_SEED}, got {args.seed + args.batch - 1}")
+        problem = _weights_problem(args.weights)
+        if problem:
+            return _fail(f"argument --weights: {problem}")
+        paths = numbered_paths(args.output, args.batch)
+        for path in paths:
+            check_output_path(path, overwrite=args.overwrite)
+        return _generate(args, paths)
+    except StableDiffusionError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _generate(args: argparse.Namespace, paths: list[str]) -> int:
+    """Loads the model, runs text_to_image and writes the files; argument checks are done."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_hidden(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"):
+        import tensorflow as tf
+
+        from . import StableDiffusion
+        from .output import save_png
+    precision = args.precision or "float32"
+    if args.mp:
+        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    say(f"{PROG}: loading weights from {args.weights or 'the Hugging Face Hub (Stable Diffusion 1.5)'} ({precision})")
+    pipe = StableDiffusion.from_pretrained(args.weights, precision=precision, jit_compile=args.jit)
+    with _progress_bar(enabled=not args.quiet) as callback:
+        result = pipe.text_to_image(
+            args.prompt, negative_prompt=args.negative_prompt, height=args.H, width=args.W,
+            num_inference_steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, seed=args.seed,
+            batch_size=args.batch, output_type="pil", callback=callback)
+    written = [save_png(image, path, parameters, overwrite=args.overwrite)
+               for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
+    print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))
+    return 0
+
+
+def _weights_problem(source: str | None) -> str | None:
+    """Why `source` cannot be a checkpoint, checked without loading it; None when it may be one."""
+    if source is None:
+        return None
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        return None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb"):
+                return None
+        except OSError as e:
+            return f"cannot read {source!r}: {e.strerror or e}"
+    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", source) and not source.lower().endswith(CHECKPOINT_SUFFIXES):
+        return None  # a Hub repo id ("owner/name"), resolved by the library
+    return f"{source!r}: no such file or directory (expected a checkpoint file, a diffusers folder or owner/name)"
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool):
+    """A text_to_image callback that draws a tqdm bar over the denoising steps on stderr (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bars = []
+
+    def callback(step, total_steps, latents):
+        if not bars:
+            bars.append(tqdm(total=total_steps, desc="denoising", unit="step", file=sys.stderr))
+        bars[0].update(1)
+
+    try:
+        yield callback
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden(enabled: bool):
+    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ logs before absl is set up ignore TF_CPP_MIN_LOG_LEVEL."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
+def _fail(message: str) -> int:
+    _print_error(message)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The one adapter that knows the model: UNet + classifier-free guidance -> D(x, sigma) in sigma space."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+EpsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float,
+                  prediction_type: str = "epsilon", extra_channels: np.ndarray | None = None):
+    """D(x, sigma, t) -> x0 for latents x = x0 + sigma * eps (Karras et al. 2022, Sec. 2 / k-diffusion).
+
+    The UNet sees x / sqrt(1 + sigma**2) (the VP latent, diffusers' `scale_model_input`) at timestep t.
+    With `uncond`, both halves run as one batched call and are mixed as Ho & Salimans (2022):
+    out = out_u + scale * (out_c - out_u), on the raw model output as diffusers does.
+    `extra_channels` (inpainting UNets) are concatenated after the latents.
+    """
+    context = cond if uncond is None else np.concatenate([uncond, cond])
+
+    def denoise(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
+        scale = 1.0 / np.sqrt(sigma**2 + 1.0)
+        model_in = (x * scale).astype(np.float32)
+        if extra_channels is not None:
+            model_in = np.concatenate([model_in, extra_channels], axis=-1)
+        if uncond is not None:
+            model_in = np.concatenate([model_in, model_in])
+        timesteps = np.full((model_in.shape[0],), t, dtype=np.float32)
+        out = np.asarray(unet(model_in, timesteps, context), dtype=np.float64)
+        if uncond is not None:
+            out_u, out_c = np.split(out, 2)
+            out = out_u + guidance_scale * (out_c - out_u)
+        if prediction_type == "v_prediction":  # v = alpha * eps - alpha * sigma * x0 (Salimans & Ho 2022)
+            return scale * (x * scale - sigma * out)
+        return x - sigma * out
+
+    return denoise
