@@ -14,9 +14,11 @@ import os
 import re
 import sys
 
+from .errors import StableDiffusionError
+from .output import check_output_path, numbered_paths, save_png
+from .samplers import SAMPLERS  # numpy only: TensorFlow is imported after the flags are checked
+
 PROG = "text2image"
-# Mirrors samplers.SAMPLERS (tests check they agree); importing it here would import TensorFlow before --help.
-SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm++2m", "dpm++2m_karras", "unipc")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 64
@@ -90,12 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    from .errors import StableDiffusionError
-    from .output import check_output_path, numbered_paths
-
     try:
-        if args.seed is not None and args.seed + args.batch - 1 > MAX_SEED:
-            return _fail(f"argument --seed: seed + batch - 1 must be at most {MAX_SEED}, got {args.seed + args.batch - 1}")
+        if args.seed is not None and args.seed + args.batch - 1 > MAX_SEED:  # image i uses seed + i
+            return _fail(f"argument --seed: must be at most {MAX_SEED - args.batch + 1} with --batch {args.batch}")
         problem = _weights_problem(args.weights)
         if problem:
             return _fail(f"argument --weights: {problem}")
@@ -113,16 +112,18 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, paths: list[str]) -> int:
     """Loads the model, runs text_to_image and writes the files; argument checks are done."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
     with _native_stderr_hidden(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"):
         import tensorflow as tf
 
         from . import StableDiffusion
-        from .output import save_png
     precision = args.precision or "float32"
     if args.mp:
         precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    say(f"{PROG}: loading weights from {args.weights or 'the Hugging Face Hub (Stable Diffusion 1.5)'} ({precision})")
+    if not args.quiet:
+        source = args.weights or "the Hugging Face Hub (Stable Diffusion 1.5)"
+        print(f"{PROG}: loading weights from {source} ({precision})", file=sys.stderr, flush=True)
     pipe = StableDiffusion.from_pretrained(args.weights, precision=precision, jit_compile=args.jit)
     with _progress_bar(enabled=not args.quiet) as callback:
         result = pipe.text_to_image(

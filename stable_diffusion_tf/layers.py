@@ -56,7 +56,7 @@ def attention(q, k, v, heads: int, bias=None):
     q, k, v = split(q), split(k), split(v)
     scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32") * (d**-0.5)
     if bias is not None:
-        scores = scores + bias
+        scores = scores + ops.cast(bias, "float32")
     probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
     out = ops.matmul(probs, v)
     return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, heads * d))

@@ -107,12 +107,12 @@ class StableDiffusion:
         return ops.convert_to_numpy(mean).astype(np.float32) * self.config.vae.scaling_factor
 
     def _unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """The UNet as one compiled call (traced once per input shape; XLA with jit_compile)."""
+        """The UNet as one compiled call, traced once per input shape (static shapes; XLA with jit_compile)."""
         if self._unet_fn is None:
             import tensorflow as tf
 
             self._unet_fn = tf.function(lambda x, t, c: ops.cast(self.unet(x, t, c), "float32"),
-                                        jit_compile=self.jit_compile, reduce_retracing=True)
+                                        jit_compile=self.jit_compile)
         return self._unet_fn(latents, timesteps, context).numpy()
 
     # -- generation ----------------------------------------------------------------------------------------

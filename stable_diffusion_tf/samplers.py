@@ -58,7 +58,7 @@ def _heun(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> S
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         d = (x - _at(denoise, x, s, i)) / sigma
         x_next = x + (sigma_next - sigma) * d
-        if i + 1 < n:  # diffusers' duplicated timesteps put the correction at the next grid point; the last step is Euler
+        if i + 1 < n:  # diffusers' duplicated timesteps evaluate this at the next grid point; not on the last step
             d_next = (x_next - _at(denoise, x_next, s, i + 1)) / sigma_next
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
         x = x_next
@@ -85,14 +85,14 @@ def _lms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, max_o
         yield x, s.sigmas[i + 1]
 
 
-def plms_walk(n: int, start: int = 0) -> list[int]:
+def _plms_walk(n: int, start: int = 0) -> list[int]:
     """Grid points PNDM evaluates, in order: diffusers' PLMS timesteps [0, 1, 1, 2, ..., n - 1] sliced at start."""
     return ([0, 1] + list(range(1, n)) if n > 1 else [0])[start:]
 
 
 def _plms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
     """PNDM with skip_prk_steps (Liu et al. 2022): Adams-Bashforth on eps after one Heun-like warm-up step."""
-    walk = plms_walk(len(s.timesteps), start)
+    walk = _plms_walk(len(s.timesteps), start)
     scale = 1 / np.sqrt(1 + s.sigmas**2)  # sqrt(alphas_cumprod): PNDM's bookkeeping is in VP form, so run in it
     x = x * scale[walk[0]]
     history = []
@@ -118,7 +118,8 @@ def _dpmpp_2m(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) 
     for i in range(start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         x0 = denoised = _at(denoise, x, s, i)
-        if previous is not None and i + 1 < n:  # first order on the first step and on the last (to sigma 0)
+        # first order on the first step, and on the last one as final_sigmas_type 'zero' forces in diffusers
+        if previous is not None and i + 1 < n:
             r = np.log(s.sigmas[i - 1] / sigma) / np.log(sigma / sigma_next)  # h_last / h
             x0 = denoised + (denoised - previous) / (2 * r)
         x = _toward(x, x0, sigma, sigma_next)
@@ -138,21 +139,20 @@ def _unipc_rhos(rks: np.ndarray, h: float) -> np.ndarray:
 
 
 def _unipc_step(x: np.ndarray, x0s: list, s: Schedule, a: int, order: int, x0_next=None) -> np.ndarray:
-    """UniP (x0_next None) or UniC step of `order` from grid point a to a + 1; x0s[-1] is the x0 at a."""
-    sigma, sigma_next = s.sigmas[a], s.sigmas[a + 1]
-    x0 = x0s[-1]
-    if order == 2:
+    """UniP step (x0_next None) or UniC correction of `order` from grid point a to a + 1; x0s[-1] is the x0 at a."""
+    sigma, sigma_next, x0 = s.sigmas[a], s.sigmas[a + 1], x0s[-1]
+    if order == 2:  # change of x0 since the previous grid point, over the ratio rk of the log-sigma steps
         h = np.log(sigma / sigma_next)
         rk = np.log(sigma / s.sigmas[a - 1]) / h
         d1 = (x0s[-2] - x0) / rk
-    if x0_next is None:
-        x0 = x0 + 0.5 * d1 if order == 2 else x0  # diffusers fixes rho = 0.5 for the order-2 predictor
-    elif order == 1:
-        x0 = x0 + 0.5 * (x0_next - x0)
+    if x0_next is None:  # UniP: diffusers fixes rho = 0.5 at order 2
+        correction = 0.5 * d1 if order == 2 else 0.0
+    elif order == 1:  # UniC: diffusers fixes rho = 0.5 at order 1
+        correction = 0.5 * (x0_next - x0)
     else:
         rhos = _unipc_rhos(np.array([rk, 1.0]), h)
-        x0 = x0 + rhos[0] * d1 + rhos[1] * (x0_next - x0)
-    return _toward(x, x0, sigma, sigma_next)  # with bh2, B(h) = expm1(-h) makes every update this line
+        correction = rhos[0] * d1 + rhos[1] * (x0_next - x0)
+    return _toward(x, x0 + correction, sigma, sigma_next)  # with bh2, B(h) = expm1(-h) makes every update this line
 
 
 def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
@@ -194,22 +194,24 @@ def initial_latent(noise: np.ndarray, schedule: Schedule) -> np.ndarray:
 
 
 def add_noise(x0: np.ndarray, noise: np.ndarray, schedule: Schedule, start_index: int = 0) -> np.ndarray:
-    """Image-to-image start: diffusers' `scheduler.add_noise(x0, noise, timesteps[start_index * order])` in sigma space."""
+    """Image-to-image start: diffusers' `add_noise(x0, noise, timesteps[start_index * order])`, in sigma space."""
     _check_start(schedule, start_index)
     # PLMS img2img starts one grid point earlier from start_index 2 on (diffusers slices its repeated timesteps)
-    first = plms_walk(len(schedule.timesteps), start_index)[0] if schedule.sampler == "plms" else start_index
+    first = _plms_walk(len(schedule.timesteps), start_index)[0] if schedule.sampler == "plms" else start_index
     sigma = schedule.sigmas[first]
     return np.asarray(x0, np.float64) + sigma * np.asarray(noise, np.float64)
 
 
-def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule, noise: Callable | None = None,
-           callback: Callable | None = None, start_index: int = 0) -> np.ndarray:
+def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
+           noise: Callable[[int], np.ndarray] | None = None,
+           callback: Callable[[int, int, np.ndarray], None] | None = None, start_index: int = 0) -> np.ndarray:
     """Run `sampler` from x (sigma space) and return the latents diffusers' loop ends with.
 
     start_index is diffusers' img2img `t_start`: the walk covers `timesteps[t_start * order:]` of diffusers' list,
     starting from `add_noise(..., start_index)`, or from `initial_latent` when 0. noise(i) gives euler_a the noise
     for grid step i. callback(k, total, latents) follows each of the total = n - start_index steps, with the
-    latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others.
+    latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others. The result is in
+    that form too: x0 for the samplers ending at sigma 0, the VP latent at alphas_cumprod[0] for ddim / plms.
     """
     if sampler not in _SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")

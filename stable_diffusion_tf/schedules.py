@@ -25,6 +25,8 @@ SCHEDULERS = {
     "dpm++2m_karras": "DPMSolverMultistepScheduler",  # use_karras_sigmas = True
     "unipc": "UniPCMultistepScheduler",
 }
+# SD 1.5's scheduler_config.json names no timestep_spacing, so diffusers' from_config gives each class its default
+DEFAULT_SPACING = {name: "leading" if name in ("ddim", "plms") else "linspace" for name in SCHEDULERS}
 # these schedulers keep their latents in VP form and have init_noise_sigma = 1
 VP_SAMPLERS = ("ddim", "plms", "dpm++2m", "dpm++2m_karras", "unipc")
 
@@ -38,15 +40,15 @@ class SchedulerConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     steps_offset: int = 1
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None  # None: each scheduler's own diffusers default (see DEFAULT_SPACING)
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"  # read by the denoiser, not by the schedules
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not supported; use 'linear' or 'scaled_linear'")
-        if self.timestep_spacing not in ("leading", "linspace", "trailing"):
-            raise InputError(f"timestep_spacing {self.timestep_spacing!r} is not one of 'leading', 'linspace', 'trailing'")
+        if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
+            raise InputError(f"timestep_spacing {self.timestep_spacing!r} is not 'leading', 'linspace' or 'trailing'")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> SchedulerConfig:
@@ -65,7 +67,7 @@ class Schedule(NamedTuple):
 
     @property
     def vp(self) -> bool:
-        """Whether diffusers' scheduler keeps its latents in VP form (x / sqrt(1 + sigma**2)) rather than sigma space."""
+        """Whether diffusers keeps these latents in VP form (x / sqrt(1 + sigma**2)) rather than in sigma space."""
         return self.sampler in VP_SAMPLERS
 
 
@@ -121,6 +123,8 @@ def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0)
 def _vp_grid(cfg: SchedulerConfig, ac: np.ndarray, n: int, sampler: str) -> tuple[np.ndarray, np.ndarray]:
     """DDIM / PNDM timesteps and sigmas, read straight from alphas_cumprod at integer timesteps."""
     timesteps = np.round(_spaced_timesteps(cfg, n)).astype(np.int64)
+    if timesteps[0] >= cfg.num_train_timesteps:  # 'leading' plus steps_offset runs past the end (diffusers crashes)
+        raise InputError(f"{sampler} cannot take {n} steps with steps_offset={cfg.steps_offset}")
     # both step to t - num_train_timesteps // n (alphas_cumprod[0], or 1 with set_alpha_to_one, below zero)
     prev = timesteps - cfg.num_train_timesteps // n
     final = 1.0 if cfg.set_alpha_to_one else ac[0]
@@ -137,8 +141,8 @@ def _sigma_grid(cfg: SchedulerConfig, ac: np.ndarray, n: int, sampler: str) -> t
     train = _train_sigmas(ac)
     if sampler in ("dpm++2m", "dpm++2m_karras", "unipc"):
         # the multistep solvers space n + 1 points and drop the last (except 'trailing'), and round 'linspace'
-        timesteps = _spaced_timesteps(cfg, n) if cfg.timestep_spacing == "trailing" else _spaced_timesteps(cfg, n + 1)[:-1]
-        timesteps = np.round(timesteps)
+        trailing = cfg.timestep_spacing == "trailing"
+        timesteps = np.round(_spaced_timesteps(cfg, n) if trailing else _spaced_timesteps(cfg, n + 1)[:-1])
     else:
         timesteps = _spaced_timesteps(cfg, n).astype(np.float32).astype(np.float64)
     if sampler == "dpm++2m_karras":
@@ -154,6 +158,8 @@ def make_schedule(sampler: str, num_inference_steps: int, config: SchedulerConfi
     """The schedule diffusers' scheduler for `sampler` sets up with `set_timesteps(num_inference_steps)`."""
     if sampler not in SCHEDULERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if config.timestep_spacing is None:
+        config = dataclasses.replace(config, timestep_spacing=DEFAULT_SPACING[sampler])
     n = int(num_inference_steps)
     if not 1 <= n <= config.num_train_timesteps:
         raise InputError(f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {num_inference_steps}")

@@ -33,7 +33,7 @@ def _read(path):
 # --- output.py ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [RECIPE, "café crème, 50°", "a 🐱 astronaut, 日本語の猫\nSteps: 20, Seed: 1"])
+@pytest.mark.parametrize("text", [RECIPE, "café crème, 50°", "a 🐱 astronaut, 日本語\nSteps: 20, Seed: 1"])
 def test_save_png_round_trips_parameters(tmp_path, text):
     path = str(tmp_path / "x.png")
     assert save_png(_image(), path, text) == path
@@ -154,7 +154,8 @@ BAD_FLAGS = [
     ["--seed", str(2**32 - 1), "--batch", "2"], ["--precision", "float32", "--mp"], ["--precision", "float64"],
     ["--weights", "{tmp}/missing.safetensors"], ["--weights", "missing.ckpt"], ["--weights", "./not/a-repo"],
     ["--output", "{tmp}/missing/x.png"], ["--output", "{tmp}/x.jpg"], ["--output", "{tmp}"],
-    ["--output", "{tmp}/old.png"], ["--output", "{tmp}/old.png", "--batch", "2"], ["--output", "{tmp}/x.png", "--batch", "3"],
+    ["--output", "{tmp}/old.png"], ["--output", "{tmp}/old.png", "--batch", "2"],
+    ["--output", "{tmp}/x.png", "--batch", "3"],
 ]
 
 
@@ -211,12 +212,6 @@ def test_library_errors_and_interrupts(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_generate", interrupt)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err == "text2image: error: interrupted\n"
-
-
-def test_sampler_choices_match_the_library():
-    from stable_diffusion_tf.samplers import SAMPLERS
-
-    assert tuple(SAMPLERS) == cli.SAMPLERS
 
 
 # --- text2image.py as a subprocess --------------------------------------------------------------------------------

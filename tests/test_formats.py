@@ -42,6 +42,7 @@ def _state_dict() -> dict:
         "scalar": torch.tensor(3.5),
         "empty": torch.zeros(0, 3),
         "flag": torch.tensor([True, False, True]),
+        "flag0": torch.tensor(True),
         "param": torch.nn.Parameter(torch.randn(2, 2, generator=g)),
     }
 
@@ -61,7 +62,7 @@ def _check_same(path, state: dict) -> None:
             assert f.shape(key) == tuple(tensor.shape)
             assert f.dtype(key) == str(tensor.dtype).removeprefix("torch.")
             got, want = f.get(key), _expected(tensor)
-            assert got.dtype == want.dtype and got.shape == want.shape
+            assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
 
 
@@ -193,6 +194,14 @@ class ModelCheckpoint:
     """Stands in for pytorch_lightning's class, which SD 1.4's .ckpt uses as a dict key."""
 
 
+def test_unused_strides_ignored(tmp_path):
+    """Strides of size-1 dims never move the view, so even absurd ones read correctly (as torch does)."""
+    data = np.arange(4, dtype="<f4").tobytes()
+    path = _crafted(tmp_path / "odd.ckpt", {"w": _View(_STORE, 1, (1, 3), (10**30, 1))}, {"0": data})
+    with open_checkpoint(path) as f:
+        np.testing.assert_array_equal(f.get("w"), [[1, 2, 3]])
+
+
 def test_get_errors(saved):
     root, _ = saved
     f = open_checkpoint(root / "plain.ckpt")
@@ -277,11 +286,18 @@ BROKEN = {
     "wrong data size": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [3]}}, bytes(8)), "needs 12"),
     "trailing bytes": (lambda p, r: _safetensors(p, {"a": _ENTRY}, bytes(9)), "trailing bytes"),
     "bad dtype": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "dtype": "X9"}}, bytes(8)), "unsupported dtype"),
-    "negative shape": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [-2]}}, bytes(8)), "non-negative"),
+    "negative shape": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [-2]}}, bytes(8)), "sane sizes"),
+    "absurd empty shape": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [0, 10**30]}}, b""), "sane sizes"),
+    "too many dims": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "shape": [1] * 70 + [2]}}, bytes(8)), "at most"),
+    "too many view dims": (lambda p, r: _crafted(p, {"w": _View(_STORE, 0, (1,) * 70, (1,) * 70)}, {"0": bytes(16)}),
+                           "malformed"),
     "header not json": (lambda p, r: _safetensors(p, "{]", b""), "not valid JSON"),
     "dotdot member": (lambda p, r: _write_zip(p, _ckpt(r) + [("plain/../evil", b"x")]), "unsafe"),
     "absolute member": (lambda p, r: _write_zip(p, _ckpt(r) + [("/etc/evil", b"x")]), "unsafe"),
     "two data.pkl": (lambda p, r: _write_zip(p, _ckpt(r) + [("other/data.pkl", b"x")]), "data.pkl"),
+    "hidden data.pkl": (lambda p, r: _write_zip(p, [(n.replace("/data.pkl", "/.x/data.pkl"), d) for n, d in _ckpt(r)]),
+                        "data.pkl"),
+    "bad dtype type": (lambda p, r: _safetensors(p, {"a": {**_ENTRY, "dtype": []}}, bytes(8)), "unsupported dtype"),
     "duplicate member": (lambda p, r: _write_zip(p, _ckpt(r) + _ckpt(r)[:1]), "duplicate"),
     "stray member": (lambda p, r: _write_zip(p, _ckpt(r) + [("plain/code/x.py", b"x")]), "does not belong"),
     "byteorder big": (lambda p, r: _write_zip(p, _replace(_ckpt(r), "byteorder", b"big")), "byteorder"),
@@ -291,6 +307,9 @@ BROKEN = {
                           "exceeds"),
     "expanded past storage": (lambda p, r: _crafted(p, {"w": _View(_STORE, 0, (10**12,), (0,))}, {"0": bytes(16)}),
                               "more elements"),
+    "huge memo index": (lambda p, r: _write_zip(p, [("a/data.pkl", b"\x80\x02}r\x00\x00\x00\x7f.")]), "memo index"),
+    "huge bytes length": (lambda p, r: _write_zip(p, [("a/data.pkl", b"\x80\x05\x96" + struct.pack("<Q", 1 << 40))]),
+                          "not a valid checkpoint pickle"),
     "corrupt storage": (lambda p, r: _write_zip(p, _ckpt(r)) and _flip_member(p, "/data/0"), "CRC"),
     "corrupt deflated": (lambda p, r: _write_zip(p, _ckpt(r), zipfile.ZIP_DEFLATED) and _flip_member(p, "/data/0"),
                          "cannot read"),

@@ -38,7 +38,9 @@ def run_diffusers(diffusers_pipe, sampler, latents, height, width, steps):
     import diffusers
 
     name, extra = DETERMINISTIC[sampler]
-    diffusers_pipe.scheduler = getattr(diffusers, name).from_config(SCHEDULER, **extra)
+    # as users switch samplers: from the loaded SD 1.5 scheduler's config, which carries no timestep_spacing
+    sd15 = diffusers.PNDMScheduler.from_config(SCHEDULER).config
+    diffusers_pipe.scheduler = getattr(diffusers, name).from_config(sd15, **extra)
     with torch.no_grad():
         out = diffusers_pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
                              num_inference_steps=steps, guidance_scale=7.5, latents=to_nchw(latents),

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import threading
@@ -29,6 +30,7 @@ _MAX_HEADER = 100 * 1024 * 1024  # safetensors JSON header cap
 _MAX_PICKLE = 256 * 1024 * 1024  # torch data.pkl cap (an SD state dict pickles to well under 1 MB)
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot beat ~1032:1, so a larger declared size is corrupt or a zip bomb
 _CHUNK = 1 << 20
+_MAX_DIMS = 32  # NumPy 1.x's limit (2.x allows 64); no real weight comes close
 
 # Raw little-endian layout per dtype name; bfloat16 is read as uint16 and widened, bool as bytes.
 _NUMPY = {
@@ -103,6 +105,11 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
+def _is_shape(dims: Any) -> bool:
+    """At most _MAX_DIMS counts whose non-zero product NumPy can represent (an empty tensor's other dims are free)."""
+    return len(dims) <= _MAX_DIMS and all(map(_is_count, dims)) and math.prod(d for d in dims if d) < 1 << 48
+
+
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Row-major element strides for a shape."""
     strides, step = [], 1
@@ -166,15 +173,17 @@ class TensorFile:
         storage = tensor.storage
         item = np.dtype(_NUMPY[storage.dtype])
         flat = self._read(storage).view(item)
-        if tensor.strides == _contiguous(tensor.shape) and math.prod(tensor.shape) == storage.numel:
+        numel = math.prod(tensor.shape)
+        if tensor.strides == _contiguous(tensor.shape) and numel == storage.numel:
             array = flat.reshape(tensor.shape)
         else:  # a torch view (transpose, slice, shared storage): gather it; bounds were checked at open
-            strides = tuple(s * item.itemsize for s in tensor.strides)
+            # strides of size-1 dims and of empty views never move the view: zero them so no value can overflow
+            strides = tuple(s * item.itemsize if n > 1 and numel else 0 for n, s in zip(tensor.shape, tensor.strides))
             array = np.lib.stride_tricks.as_strided(flat[tensor.offset:], tensor.shape, strides, writeable=False)
             array = np.array(array)
         if storage.dtype == "bfloat16":
             return array.view(ml_dtypes.bfloat16).astype(np.float32)
-        return array != 0 if storage.dtype == "bool" else array
+        return array.astype(bool) if storage.dtype == "bool" else array
 
     def _read(self, storage: _Storage) -> np.ndarray:
         """All bytes of one storage as a fresh uint8 array (CRC-checked for zip members)."""
@@ -195,7 +204,7 @@ class TensorFile:
                     self._fh.seek(storage.start)
                     while got < nbytes and (n := self._fh.readinto(view[got:])):
                         got += n
-            except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+            except Exception as exc:  # noqa: BLE001 - zipfile raises many types on damaged archives
                 raise _error(self.path, f"cannot read {storage.name}: {exc}") from None
         if got != nbytes:
             raise _error(self.path, f"{storage.name} is truncated or longer than its {nbytes} bytes")
@@ -282,11 +291,12 @@ def _safetensors_index(path: str, fh: Any) -> dict[str, _Tensor]:
     for key, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise _error(path, f"tensor {key!r} needs dtype, shape and data_offsets")
-        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        shape, offsets = info["shape"], info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise _error(path, f"tensor {key!r} has unsupported dtype {info['dtype']!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _error(path, f"tensor {key!r} shape {shape!r} is not a list of non-negative ints")
+        if not (isinstance(shape, list) and _is_shape(shape)):
+            raise _error(path, f"tensor {key!r} shape {shape!r} is not a list of at most {_MAX_DIMS} sane sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
                 and offsets[0] <= offsets[1]):
             raise _error(path, f"tensor {key!r} data_offsets {offsets!r} are not [begin, end] with begin <= end")
@@ -329,7 +339,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
     if not isinstance(storage, _Storage):
         raise _Bad("tensor is not built on a storage")
     if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-            and all(map(_is_count, size)) and all(map(_is_count, stride))):
+            and _is_shape(size) and all(map(_is_count, stride))):
         raise _Bad(f"tensor on {storage.name} has a malformed offset/size/stride {offset!r} {size!r} {stride!r}")
     if math.prod(size) > storage.numel:  # also bounds what get() allocates for a zero-stride (expanded) view
         raise _Bad(f"tensor view {size} has more elements than {storage.name} ({storage.numel})")
@@ -352,6 +362,14 @@ _REBUILDERS = {
     "_rebuild_tensor": _rebuild_tensor, "_rebuild_tensor_v2": _rebuild_tensor,
     "_rebuild_parameter": _rebuild_parameter, "_rebuild_parameter_with_state": _rebuild_parameter,
 }
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Reject unknown or truncated opcodes and memo indices past the data, before the C unpickler runs."""
+    # The C unpickler sizes its memo table by the largest index: a 1 KB pickle could make it allocate 20 GB.
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > len(data):
+            raise _Bad(f"data.pkl uses memo index {arg}, more than its {len(data)} bytes allow")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -388,10 +406,10 @@ def _torch_root(path: str, members: dict[str, zipfile.ZipInfo]) -> str:
         if stored_mismatch or info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
             raise _error(path, f"zip member {name!r} declares an impossible size {info.file_size}")
         roots.add(match["root"])
-    pickles = [name for name in members if name.endswith("/data.pkl")]
-    if len(pickles) != 1 or len(roots) != 1:
+    pickles = [name for name in members if name.endswith("data.pkl")]
+    if len(roots) != 1 or pickles != [f"{next(iter(roots))}/data.pkl"]:
         raise _error(path, f"zip archive has {len(pickles)} data.pkl under {len(roots)} top-level folders, "
-                     "expected exactly one (not a torch.save checkpoint)")
+                     "expected exactly one <folder>/data.pkl (not a torch.save checkpoint)")
     if members[pickles[0]].file_size > _MAX_PICKLE:
         raise _error(path, f"data.pkl is {members[pickles[0]].file_size} bytes, over the cap")
     return roots.pop()
@@ -406,12 +424,16 @@ def _torch_zip_index(path: str, fh: Any) -> tuple[zipfile.ZipFile, dict[str, _Te
         if len(members) != len(infos):
             raise _error(path, "zip archive has duplicate member names")
         root = _torch_root(path, members)
-        byteorder = archive.read(members[f"{root}/byteorder"]) if f"{root}/byteorder" in members else b"little"
+        byteorder = b"little"  # older torch.save wrote no byteorder member; such files come from x86/ARM hosts
+        if (order := members.get(f"{root}/byteorder")) is not None:
+            with archive.open(order) as member:
+                byteorder = member.read(16)
         data = archive.read(members[f"{root}/data.pkl"])
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error, zlib.error) as exc:
-        raise _error(path, f"is not a readable zip archive, truncated or corrupt ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on damaged archives
+        raise _error(path, f"is not a readable zip archive, truncated or corrupt ({type(exc).__name__}: {exc})") \
+            from None
     if byteorder != b"little":
         raise _error(path, f"byteorder is {byteorder[:16]!r}; only little-endian checkpoints are supported")
     size = os.fstat(fh.fileno()).st_size
@@ -443,6 +465,7 @@ def _torch_zip_index(path: str, fh: Any) -> tuple[zipfile.ZipFile, dict[str, _Te
         return storages[key]
 
     try:
+        _check_opcodes(data)
         obj = _Unpickler(data, storage).load()
     except _Bad as exc:
         raise _error(path, str(exc)) from None
