@@ -377,11 +377,13 @@ def _read_everything(path) -> None:
 
 
 def _mutations():
+    """Up to six byte overwrites, and maybe a truncation."""
     return st.tuples(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
                      st.one_of(st.none(), st.integers(0, 10**6)))
 
 
 def _mutate(data: bytes, mutation) -> bytes:
+    """Apply one of _mutations() to data."""
     edits, cut = mutation
     out = bytearray(data)
     for position, value in edits:
@@ -389,7 +391,8 @@ def _mutate(data: bytes, mutation) -> bytes:
     return bytes(out[: cut % (len(out) + 1)] if cut is not None else out)
 
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
