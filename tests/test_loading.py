@@ -1,0 +1,133 @@
+"""Loader rules: dtypes, key spellings, family detection, and errors that name the tensor or the file."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reference import compvis_state, text_encoder_state
+from stable_diffusion_tf import CheckpointError, StableDiffusion, UnsupportedModelError
+from stable_diffusion_tf.weights import names
+
+CONV_IN = names.UNET_PREFIX + "input_blocks.0.0.weight"
+
+
+@pytest.fixture(scope="module")
+def state(reference):
+    return compvis_state(*reference)
+
+
+def write(tmp_path, state, name="model.safetensors"):
+    path = str(tmp_path / name)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def conv_in_kernel(pipe):
+    return np.asarray(pipe.unet.conv_in.kernel)  # (kh, kw, in, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_exactly(tmp_path, state, dtype):
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    pipe = StableDiffusion.from_pretrained(write(tmp_path, half))
+    expected = half[CONV_IN].float().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(conv_in_kernel(pipe), expected)
+    key = names.CLIP_PREFIX + "text_model.final_layer_norm.weight"
+    np.testing.assert_array_equal(np.asarray(pipe.text_encoder.final_layer_norm.gamma), half[key].float().numpy())
+
+
+def test_text_encoder_without_text_model_prefix(tmp_path, checkpoints, reference):
+    folder = str(tmp_path / "folder")
+    shutil.copytree(checkpoints["diffusers"], folder)
+    save_file(text_encoder_state(reference[0], prefix=""), os.path.join(folder, "text_encoder", "model.safetensors"))
+    with_prefix = StableDiffusion.from_pretrained(checkpoints["diffusers"]).encode_prompt(["a cat"])
+    np.testing.assert_array_equal(StableDiffusion.from_pretrained(folder).encode_prompt(["a cat"]), with_prefix)
+
+
+def test_missing_tensor_is_named(tmp_path, state):
+    key = names.UNET_PREFIX + "middle_block.1.proj_out.weight"
+    broken = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(CheckpointError, match=f"missing tensor {key}"):
+        StableDiffusion.from_pretrained(write(tmp_path, broken))
+
+
+def test_misshaped_tensor_is_named(tmp_path, state):
+    key = names.VAE_PREFIX + "decoder.conv_out.bias"
+    broken = {**state, key: torch.zeros(7)}
+    with pytest.raises(CheckpointError, match=f"{key} has shape \\(7,\\)"):
+        StableDiffusion.from_pretrained(write(tmp_path, broken))
+
+
+def test_unknown_tensor_inside_the_unet_is_an_error(tmp_path, state):
+    key = names.UNET_PREFIX + "input_blocks.1.2.weight"
+    with pytest.raises(CheckpointError, match="unexpected tensor"):
+        StableDiffusion.from_pretrained(write(tmp_path, {**state, key: torch.zeros(3)}))
+
+
+def _sd2(state):
+    return {k.replace("cond_stage_model.transformer.", "cond_stage_model.model."): v for k, v in state.items()}
+
+
+def _inpainting(state):
+    return {**state, CONV_IN: torch.zeros(state[CONV_IN].shape[0], 9, 3, 3)}
+
+
+def _sdxl(state):
+    return {**state, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4)}
+
+
+@pytest.mark.parametrize("change, message", [(_sd2, "Stable Diffusion 2.x"), (_inpainting, "inpainting"),
+                                             (_sdxl, "SDXL")])
+def test_other_families_are_reported_by_name(tmp_path, state, change, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        StableDiffusion.from_pretrained(write(tmp_path, change(state)))
+
+
+def test_vae_only_file_is_reported(tmp_path, state):
+    vae = {k.removeprefix(names.VAE_PREFIX): v for k, v in state.items() if k.startswith(names.VAE_PREFIX)}
+    with pytest.raises(CheckpointError, match="VAE-only"):
+        StableDiffusion.from_pretrained(write(tmp_path, vae))
+
+
+def test_diffusers_folder_of_another_family_is_reported(tmp_path, checkpoints):
+    import json
+
+    folder = str(tmp_path / "inpaint")
+    shutil.copytree(checkpoints["diffusers"], folder)
+    config_path = os.path.join(folder, "unet", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "in_channels": 9}, f)
+    with pytest.raises(UnsupportedModelError, match="inpainting"):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_missing_source_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        StableDiffusion.from_pretrained(str(tmp_path / "nope.safetensors"))
+
+
+def test_offline_hub_download_says_how_to_pass_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match="pass a local checkpoint"):
+        StableDiffusion.from_pretrained(None)
+
+
+def test_malicious_ckpt_is_refused_before_anything_runs(tmp_path):
+    canary = tmp_path / "canary"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {canary}",)
+
+    path = str(tmp_path / "evil.ckpt")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refuses to load"):
+        StableDiffusion.from_pretrained(path)
+    assert not canary.exists()
