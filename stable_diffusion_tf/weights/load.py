@@ -64,7 +64,7 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
         return _load_diffusers_folder(source, config, dtype)
     with open_checkpoint(source) as file:
         family = detect_family(file)
-        if family != "sd1":
+        if family not in LOADABLE:
             raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; this version loads SD 1.x")
         config = config or infer_config(file)
         models = build_models(config, dtype)
@@ -98,6 +98,7 @@ def _check_leftovers(source: str, keys: list[str]) -> None:
         warnings.warn(f"{source}: ignored {len(unknown)} tensors outside the model, e.g. {unknown[0]}", stacklevel=3)
 
 
+LOADABLE = {"sd1"}  # model families this version builds and fills
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
                 "sd1-inpainting": "Stable Diffusion 1.x inpainting (9-channel UNet)",
                 "sd2-inpainting": "Stable Diffusion 2.x inpainting (9-channel UNet)"}
@@ -212,7 +213,7 @@ def read_folder_config(folder: str) -> ModelConfig:
         family = "sdxl"
     elif unet.in_channels == 9:
         family += "-inpainting"
-    if family != "sd1":
+    if family not in LOADABLE:
         raise UnsupportedModelError(f"{folder}: {FAMILY_NAMES[family]} model; this version loads SD 1.x")
     return ModelConfig("sd1", clip, unet, vae)
 
