@@ -149,7 +149,9 @@ def reference_tokenizer(folder: str):
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5.x: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files and builds a
     # 3-token vocabulary; only from_pretrained reads them.  CLIPTokenizerFast is the same class in 5.x.
-    return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77)
+    tokenizer.save_pretrained(folder)  # a tokenizer/ folder as diffusers repos have it (model_max_length 77)
+    return tokenizer
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:
@@ -158,3 +160,159 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 
 def to_nhwc(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# -- image-to-image and inpainting: a 9-channel UNet, the diffusers pipelines and the noise they draw ---------------
+
+
+def build_inpainting_unet(seed: int = 3):
+    """A UNet with 9 input channels (latents, mask, masked-image latents) as sd-v1-5-inpainting, random weights."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return randomize(diffusers.UNet2DConditionModel(**{**UNET_KW, "in_channels": 9}), seed)
+
+
+def save_single_file(path: str, text_encoder, unet, vae) -> str:
+    """The three models as one CompVis .safetensors file; returns its path."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in compvis_state(text_encoder, unet, vae).items()}, path)
+    return path
+
+
+def diffusers_pipeline(name: str, text_encoder, unet, vae, tokenizer_folder: str):
+    """diffusers pipeline class `name` (e.g. StableDiffusionInpaintPipeline) over the reference models."""
+    import diffusers
+
+    return getattr(diffusers, name)(
+        vae=vae, text_encoder=text_encoder, tokenizer=reference_tokenizer(tokenizer_folder), unet=unet,
+        scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def diffusers_scheduler(sampler: str):
+    """The scheduler `sampler` reproduces, built as users switch: from the loaded SD 1.5 scheduler's config."""
+    import diffusers
+
+    from stable_diffusion_tf.schedules import SCHEDULERS
+
+    sd15 = diffusers.PNDMScheduler.from_config(SCHEDULER).config
+    extra = {"use_karras_sigmas": True} if sampler == "dpm++2m_karras" else {}
+    return getattr(diffusers, SCHEDULERS[sampler]).from_config(sd15, **extra)
+
+
+def inject_noise(monkeypatch, noise: np.ndarray, posterior: list[np.ndarray]) -> list:
+    """Makes diffusers' img2img / inpaint pipelines take `noise` (NHWC) as their initial noise and, call by call,
+    `posterior` as the VAE posterior noise, instead of drawing from a torch generator; returns what is left."""
+    from diffusers.models.autoencoders import vae
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint
+
+    left = list(posterior)
+
+    def randn_tensor(shape, **kwargs):
+        assert tuple(shape) == tuple(to_nchw(noise).shape), (shape, noise.shape)
+        return to_nchw(noise)
+
+    for module in (img2img, inpaint):
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(vae.DiagonalGaussianDistribution, "sample",
+                        lambda self, generator=None: self.mean + self.std * to_nchw(left.pop(0)))
+    return left
+
+
+# -- SD 2.x: OpenCLIP text tower (GELU, penultimate layer), linear projections, head dim 64, v-prediction ------------
+
+CLIP2_KW = {**CLIP_KW, "intermediate_size": 512, "hidden_act": "gelu"}  # width 128: 2 heads of 64, as ViT-H's 16
+# heads = channels / 64 as in SD 2.x (5/10/20/20), the smallest widths that keep that rule and two heads somewhere
+UNET2_KW = {**UNET_KW, "block_out_channels": (64, 128, 128), "attention_head_dim": (1, 2, 2),
+            "use_linear_projection": True, "upcast_attention": True}
+SCHEDULER2 = {**SCHEDULER, "prediction_type": "v_prediction"}  # SD 2.1 (768-v)
+
+
+def build_reference_sd2(seed: int = 10):
+    """(text_encoder, unet, vae) torch models shaped like SD 2.x, with random weights.
+
+    The text encoder is the diffusers-folder one: the OpenCLIP tower without its last resblock.
+    """
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    text_encoder = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP2_KW)), seed)
+    unet = randomize(diffusers.UNet2DConditionModel(**UNET2_KW), seed + 1)
+    vae = randomize(diffusers.AutoencoderKL(**VAE_KW), seed + 2)
+    return text_encoder, unet, vae
+
+
+def open_clip_state(text_encoder, seed: int = 10) -> dict:
+    """The text encoder as SD 2.x single files hold it (`cond_stage_model.model.*`, q/k/v stacked in in_proj),
+    plus what SD 2.x does not use, with random values: one more resblock, text_projection and logit_scale."""
+    out = {}
+    for k, v in text_encoder_state(text_encoder, prefix="").items():
+        key, third = names.clip_open_clip(k)
+        if third is None:
+            out[key] = v
+        else:
+            out.setdefault(key, [None] * 3)[third] = v
+    out = {k: torch.cat(v) if isinstance(v, list) else v for k, v in out.items()}
+    g = torch.Generator().manual_seed(seed)
+    first, last = ".resblocks.0.", f".resblocks.{text_encoder.config.num_hidden_layers}."
+    out.update({k.replace(first, last): torch.randn(v.shape, generator=g) for k, v in out.items() if first in k})
+    width = text_encoder.config.hidden_size
+    out[names.OPEN_CLIP_PREFIX + "text_projection"] = torch.randn(width, width // 2, generator=g)  # (width, embed)
+    out[names.OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+def compvis_state_sd2(text_encoder, unet, vae) -> dict:
+    """The three models as one SD 2.x single file (UNet and VAE checked by `compvis_state`, OpenCLIP here)."""
+    state = {k: v for k, v in compvis_state(text_encoder, unet, vae).items() if not k.startswith(names.CLIP_PREFIX)}
+    state.update(open_clip_state(text_encoder))
+    check_open_clip_against_diffusers(state, text_encoder)
+    return state
+
+
+def check_open_clip_against_diffusers(compvis: dict, text_encoder) -> None:
+    """diffusers' own OpenCLIP converter must give back every tensor of the reference text encoder."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    converted = sfu.convert_open_clip_checkpoint(text_encoder, compvis)
+    original = text_encoder_state(text_encoder)
+    # diffusers drops the unused last resblock by ViT-H's index (23); a tiny tower's comes back as one more layer
+    extra = f"text_model.encoder.layers.{text_encoder.config.num_hidden_layers}."
+    assert {k for k in converted if not k.startswith(extra)} == set(original)
+    for k, v in original.items():
+        assert torch.equal(converted[k], v), k
+
+
+def reference_tokenizer_sd2(folder: str):
+    """The SD 2.x tokenizer: the same vocabulary, padding with "!" (id 0) as its special_tokens_map.json says."""
+    import transformers
+
+    reference_tokenizer(folder)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77,
+                                                           pad_token="!")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_all_sd2(directory: str, text_encoder, unet, vae) -> dict:
+    """Writes an SD 2.x CompVis .safetensors and a diffusers folder (v-prediction scheduler); returns their paths."""
+    from safetensors.torch import save_file
+
+    paths = {"safetensors": os.path.join(directory, "tiny-sd2.safetensors"),
+             "diffusers": os.path.join(directory, "tiny-sd2-diffusers")}
+    save_file({k: v.contiguous() for k, v in compvis_state_sd2(text_encoder, unet, vae).items()}, paths["safetensors"])
+    folder = paths["diffusers"]
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
+    text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
+    save_file(text_encoder_state(text_encoder), os.path.join(folder, "text_encoder", "model.safetensors"))
+    reference_tokenizer_sd2(os.path.join(folder, "tokenizer"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "DDIMScheduler", **SCHEDULER2}, f)
+    return paths

@@ -1,0 +1,194 @@
+"""Speed and memory of this project against diffusers, side by side on the same random SD 1.5 weights.
+
+    python benchmarks/benchmark.py            # full size: SD 1.5 shapes, 512x512 (about 20 minutes on 2 cores)
+    python benchmarks/benchmark.py --quick    # tiny model, 64x64: a smoke run of every measurement
+
+Speed figures come from one process that holds both implementations and alternates between them; peak
+memory and load time come from one fresh subprocess per implementation. Every line prints both numbers
+and the ratio ours / diffusers (below 1 means we are faster or smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def build_checkpoint(directory: str, quick: bool) -> dict:
+    """Random-weight models saved as a CompVis single file and a diffusers folder (the tests' fixture code)."""
+    import diffusers
+    import torch
+    import transformers
+
+    import reference
+
+    torch.manual_seed(0)
+    if quick:
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**reference.CLIP_KW))
+        unet, vae = diffusers.UNet2DConditionModel(**reference.UNET_KW), diffusers.AutoencoderKL(**reference.VAE_KW)
+    else:
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_CLIP))
+        unet, vae = diffusers.UNet2DConditionModel(**SD15_UNET), diffusers.AutoencoderKL(**SD15_VAE)
+    paths = reference.save_all(directory, te.eval(), unet.eval(), vae.eval())
+    with open(os.path.join(paths["diffusers"], "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                   "safety_checker": [None, None], "feature_extractor": [None, None],
+                   "requires_safety_checker": False}, f)
+    return paths
+
+
+def load_ours(paths: dict, precision: str):
+    from stable_diffusion_tf import StableDiffusion
+
+    return StableDiffusion.from_pretrained(paths["safetensors"], precision=precision)  # bfloat16: mixed_bfloat16
+
+
+def load_diffusers(paths: dict, precision: str):
+    import diffusers
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(
+        paths["safetensors"], config=paths["diffusers"], local_files_only=True, torch_dtype=dtype,
+        safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed(paths: dict, precision: str, size: int, steps: int, repeats: int) -> list[tuple[str, float, float]]:
+    """Median seconds of the UNet step (batch 2), VAE decode (1 image) and a whole image, alternating."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    torch.set_grad_enabled(False)
+    ours, theirs = load_ours(paths, precision), load_diffusers(paths, precision)
+    dtype = next(theirs.unet.parameters()).dtype
+    h = size // 8
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, h, h, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, ours.config.text_encoder.hidden_size)).astype(np.float32)
+    t_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(dtype)
+    t_context = torch.from_numpy(context).to(dtype)
+    theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
+    jobs = {  # name: (ours, diffusers, warm-up first)
+        "UNet step, batch 2": (lambda: ours.predict_noise(latents, 500, context),
+                               lambda: theirs.unet(t_latents, 500, t_context), True),
+        "VAE decode, 1 image": (lambda: ours.decode_latents(latents[:1]),
+                                lambda: theirs.vae.decode(t_latents[:1] / 0.18215), True),
+        f"whole image, {steps} steps dpm++2m": (
+            lambda: ours.text_to_image("a photo", height=size, width=size, num_inference_steps=steps,
+                                       sampler="dpm++2m", seed=0, output_type="np"),
+            lambda: theirs("a photo", height=size, width=size, num_inference_steps=steps, output_type="np"),
+            False),  # the UNet and VAE shapes are warm from the jobs above
+    }
+    rows = []
+    for name, (mine, reference, warm_up) in jobs.items():
+        if warm_up:
+            mine(), reference()
+        a, b = [], []
+        for _ in range(repeats):  # alternate so that drift in machine load hits both alike
+            a.append(timed(mine))
+            b.append(timed(reference))
+        rows.append((f"{name} [{precision}]", statistics.median(a), statistics.median(b)))
+    return rows
+
+
+def worker(args) -> None:
+    """One fresh process: load one implementation, time the load, run one whole image, report peak RSS."""
+    paths = json.loads(args.paths)
+    start = time.perf_counter()
+    pipe = (load_ours if args.worker == "ours" else load_diffusers)(paths, args.precision)
+    load_seconds = time.perf_counter() - start
+    if args.worker == "ours":
+        pipe.text_to_image("a photo", height=args.size, width=args.size, num_inference_steps=args.steps,
+                           sampler="dpm++2m", seed=0, output_type="np")
+    else:
+        import diffusers
+        import torch
+
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            pipe("a photo", height=args.size, width=args.size, num_inference_steps=args.steps, output_type="np")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+    print(json.dumps({"load_s": load_seconds, "peak_gb": peak}))
+
+
+def isolated(paths: dict, precision: str, size: int, steps: int) -> list[tuple[str, float, float]]:
+    results = {}
+    for who in ("ours", "diffusers"):
+        out = subprocess.run([sys.executable, __file__, "--worker", who, "--paths", json.dumps(paths),
+                              "--precision", precision, "--size", str(size), "--steps", str(steps)],
+                             check=True, capture_output=True, text=True).stdout
+        results[who] = json.loads(out.strip().splitlines()[-1])
+    return [(f"load single file [{precision}] (s)", results["ours"]["load_s"], results["diffusers"]["load_s"]),
+            (f"peak RSS, load + whole image [{precision}] (GB)", results["ours"]["peak_gb"],
+             results["diffusers"]["peak_gb"])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    args.size = args.size or (64 if args.quick else 512)
+    args.steps = args.steps or (3 if args.quick else 20)
+    if args.worker:
+        worker(args)
+        return
+    import keras
+    import tensorflow as tf
+    import torch
+
+    precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
+    repeats = 1 if args.quick else args.repeats
+    print(f"machine: {os.cpu_count()} cores; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"torch {torch.__version__}; image {args.size}x{args.size}")
+    with tempfile.TemporaryDirectory() as directory:
+        paths = build_checkpoint(directory, args.quick)
+        size_gb = os.path.getsize(paths["safetensors"]) / 2**30
+        print(f"checkpoint: {size_gb:.2f} GB single file")
+        print(f"{'measurement':55s} {'ours':>9s} {'diffusers':>10s} {'ratio':>7s}")
+        for precision in precisions:
+            for name, mine, theirs in speed(paths, precision, args.size, args.steps, repeats) + \
+                    isolated(paths, precision, args.size, args.steps):
+                print(f"{name:55s} {mine:9.3f} {theirs:10.3f} {mine / theirs:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
