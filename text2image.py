@@ -11,15 +11,15 @@ import sys
 REQUIRED = ("tensorflow", "keras", "numpy", "safetensors", "huggingface_hub", "tokenizers", "PIL", "tqdm", "ml_dtypes")
 
 
-def set_up() -> None:
-    """Installs the package (pip install -e .) when a dependency is missing."""
+def set_up(prog: str = "text2image") -> None:
+    """Installs the package (pip install -e .) when a dependency is missing (img2img.py and inpaint.py use it too)."""
     missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
     if not missing:
         return
     here = os.path.dirname(os.path.abspath(__file__))
-    print(f"text2image: first run: installing {', '.join(missing)} with pip ...", file=sys.stderr)
+    print(f"{prog}: first run: installing {', '.join(missing)} with pip ...", file=sys.stderr)
     if subprocess.call([sys.executable, "-m", "pip", "install", "-q", "-e", here]) != 0:
-        print("text2image: error: pip install failed; run `pip install -e .` and try again", file=sys.stderr)
+        print(f"{prog}: error: pip install failed; run `pip install -e .` and try again", file=sys.stderr)
         raise SystemExit(2)
 
 

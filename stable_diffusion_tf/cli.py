@@ -1,8 +1,10 @@
-"""`text2image`: the command line for StableDiffusion.text_to_image.
+"""`text2image`, `img2img` and `inpaint`: the command lines for StableDiffusion.text_to_image, image_to_image
+and inpaint, sharing their flags, checks, output files and progress bar.
 
-Every flag is checked before TensorFlow is imported or weights are loaded; a bad one gives one
-`text2image: error:` line on stderr and exit code 2, and no file is written. Status goes to stderr,
-the written paths and seeds to stdout. Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's own logs.
+Every flag (and the input image and mask) is checked before TensorFlow is imported or weights are loaded; a
+bad one gives one `text2image: error:` (`img2img: error:`, `inpaint: error:`) line on stderr and exit code 2,
+and no file is written. Status goes to stderr, the written paths and seeds to stdout. Set
+TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's own logs.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import re
 import sys
 
 from .errors import StableDiffusionError
+from .images import load_image, load_image_and_mask  # numpy and PIL only, as the next two
 from .output import check_output_path, numbered_paths, save_png
 from .samplers import SAMPLERS  # numpy only: TensorFlow is imported after the flags are checked
 
-PROG = "text2image"
+DESCRIPTIONS = {"text2image": "Generate images from a text prompt with Stable Diffusion (TensorFlow).",
+                "img2img": "Redraw an image guided by a text prompt with Stable Diffusion (TensorFlow).",
+                "inpaint": "Repaint the white part of a mask over an image with Stable Diffusion (TensorFlow)."}
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 64
@@ -30,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage block), so scripts can show it as is."""
 
     def error(self, message: str):
-        _print_error(message)
+        _print_error(message, self.prog)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -48,27 +53,47 @@ def _int_in(low: int, high: int, multiple: int = 1):
     return parse
 
 
-def _guidance_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _float_in(low: float, high: float = math.inf):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            what = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
+        return value
+
+    return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate images from a text prompt with Stable Diffusion (TensorFlow).",
+def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
+    """The flags of `mode` (text2image, img2img or inpaint): the shared ones plus the mode's inputs."""
+    p = _Parser(prog=mode, description=DESCRIPTIONS[mode],
                 epilog="With --batch N > 1 the files are numbered: out.png -> out-0.png, out-1.png, ... "
                        "Each PNG stores its recipe (prompt, steps, sampler, seed...) in a 'parameters' text chunk.")
     p.add_argument("--prompt", required=True, help="the text to draw")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--output", default="output.png", help="PNG file to write (default: output.png)")
-    p.add_argument("--H", type=_int_in(64, 2048, 8), default=512, help="image height, multiple of 8 (default: 512)")
-    p.add_argument("--W", type=_int_in(64, 2048, 8), default=512, help="image width, multiple of 8 (default: 512)")
+    if mode == "text2image":
+        p.add_argument("--H", type=_int_in(64, 2048, 8), default=None,
+                       help="image height, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
+        p.add_argument("--W", type=_int_in(64, 2048, 8), default=None,
+                       help="image width, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
+    else:
+        p.add_argument("--init-image", "--image", dest="image", required=True, metavar="PATH",
+                       help="the starting image (PNG, JPEG, WebP, BMP, GIF or TIFF); the output has its size, "
+                            "rounded down to multiples of 8")
+        strength = 0.75 if mode == "img2img" else 1.0
+        p.add_argument("--strength", type=_float_in(0, 1), default=strength,
+                       help=f"how much to change, 0 (nothing) to 1 (all of it) (default: {strength:g})")
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, metavar="PATH",
+                       help="same size as the image: white is repainted, black kept, grey partly "
+                            "(a mask with transparency: its alpha channel)")
+        p.add_argument("--mask-blur", type=_int_in(0, 64), default=0, help="feather the mask, in pixels (default: 0)")
     p.add_argument("--steps", type=_int_in(1, 1000), default=50, help="denoising steps (default: 50)")
-    p.add_argument("--scale", type=_guidance_scale, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--scale", type=_float_in(0), default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None,
                    help="random seed; image i of a batch uses seed + i (default: random)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
@@ -76,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="a .safetensors/.ckpt file, a diffusers folder or a Hub repo id "
                         "(default: Stable Diffusion 1.5 from the Hugging Face Hub)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the model predicts, for single files that do not say (default: v_prediction for "
+                        "SD 2.x files, epsilon otherwise; a diffusers folder's scheduler config)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--precision", choices=PRECISIONS, default=None, help="compute precision (default: float32)")
     precision.add_argument("--mp", action="store_true",
@@ -86,31 +114,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, mode: str = "text2image") -> int:
     """Runs the command line; returns the exit status (0 ok, 2 bad argument or library error, 130 interrupted)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(mode).parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.mode = mode
     try:
         if args.seed is not None and args.seed + args.batch - 1 > MAX_SEED:  # image i uses seed + i
-            return _fail(f"argument --seed: must be at most {MAX_SEED - args.batch + 1} with --batch {args.batch}")
+            return _fail(f"argument --seed: must be at most {MAX_SEED - args.batch + 1} with --batch {args.batch}",
+                         mode)
         problem = _weights_problem(args.weights)
         if problem:
-            return _fail(f"argument --weights: {problem}")
+            return _fail(f"argument --weights: {problem}", mode)
+        if mode == "img2img":  # read now, so a bad file is reported before the model loads
+            args.image = load_image(args.image)
+        elif mode == "inpaint":  # unblurred: inpaint blurs by --mask-blur and records it
+            args.image, args.mask = load_image_and_mask(args.image, args.mask)
         paths = numbered_paths(args.output, args.batch)
         for path in paths:
             check_output_path(path, overwrite=args.overwrite)
         return _generate(args, paths)
     except StableDiffusionError as e:
-        return _fail(str(e))
+        return _fail(str(e), mode)
     except KeyboardInterrupt:
-        _print_error("interrupted")
+        _print_error("interrupted", mode)
         return EXIT_INTERRUPTED
 
 
+def img2img(argv: list[str] | None = None) -> int:
+    """The `img2img` command: StableDiffusion.image_to_image."""
+    return main(argv, "img2img")
+
+
+def inpaint(argv: list[str] | None = None) -> int:
+    """The `inpaint` command: StableDiffusion.inpaint."""
+    return main(argv, "inpaint")
+
+
 def _generate(args: argparse.Namespace, paths: list[str]) -> int:
-    """Loads the model, runs text_to_image and writes the files; argument checks are done."""
+    """Loads the model, runs the mode's generation and writes the files; argument checks are done."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
@@ -123,13 +167,20 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
         precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
     if not args.quiet:
         source = args.weights or "the Hugging Face Hub (Stable Diffusion 1.5)"
-        print(f"{PROG}: loading weights from {source} ({precision})", file=sys.stderr, flush=True)
-    pipe = StableDiffusion.from_pretrained(args.weights, precision=precision, jit_compile=args.jit)
+        print(f"{args.mode}: loading weights from {source} ({precision})", file=sys.stderr, flush=True)
+    pipe = StableDiffusion.from_pretrained(args.weights, precision=precision, jit_compile=args.jit,
+                                           prediction_type=args.prediction_type)
     with _progress_bar(enabled=not args.quiet) as callback:
-        result = pipe.text_to_image(
-            args.prompt, negative_prompt=args.negative_prompt, height=args.H, width=args.W,
-            num_inference_steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, seed=args.seed,
-            batch_size=args.batch, output_type="pil", callback=callback)
+        common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.scale,
+                      sampler=args.sampler, seed=args.seed, batch_size=args.batch, output_type="pil",
+                      callback=callback)
+        if args.mode == "img2img":
+            result = pipe.image_to_image(args.prompt, args.image, strength=args.strength, **common)
+        elif args.mode == "inpaint":
+            result = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
+                                  mask_blur=args.mask_blur, **common)
+        else:
+            result = pipe.text_to_image(args.prompt, height=args.H, width=args.W, **common)
     written = [save_png(image, path, parameters, overwrite=args.overwrite)
                for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
     print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))
@@ -197,12 +248,12 @@ def _native_stderr_hidden(enabled: bool):
         os.close(saved)
 
 
-def _print_error(message: str) -> None:
-    print(f"{PROG}: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+def _print_error(message: str, prog: str) -> None:
+    print(f"{prog}: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
 
 
-def _fail(message: str) -> int:
-    _print_error(message)
+def _fail(message: str, prog: str) -> int:
+    _print_error(message, prog)
     return EXIT_USAGE
 
 

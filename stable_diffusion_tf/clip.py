@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from .config import CLIPConfig
-from .layers import attention, layer_norm
+from .layers import Block, LazyBuild, attention, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -14,7 +14,7 @@ ACTIVATIONS = {
 }
 
 
-class CLIPEmbeddings(keras.layers.Layer):
+class CLIPEmbeddings(Block):
     """Token plus learned absolute position embeddings."""
 
     def __init__(self, config: CLIPConfig, **kwargs):
@@ -30,7 +30,7 @@ class CLIPEmbeddings(keras.layers.Layer):
         return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
 
 
-class CLIPAttention(keras.layers.Layer):
+class CLIPAttention(Block):
     """Causal multi-head self-attention with biased q/k/v/out projections."""
 
     def __init__(self, config: CLIPConfig, **kwargs):
@@ -46,7 +46,7 @@ class CLIPAttention(keras.layers.Layer):
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, bias=mask))
 
 
-class CLIPMLP(keras.layers.Layer):
+class CLIPMLP(Block):
     """fc1 -> activation -> fc2."""
 
     def __init__(self, config: CLIPConfig, **kwargs):
@@ -59,7 +59,7 @@ class CLIPMLP(keras.layers.Layer):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class CLIPEncoderLayer(keras.layers.Layer):
+class CLIPEncoderLayer(Block):
     """Pre-LayerNorm transformer layer."""
 
     def __init__(self, config: CLIPConfig, **kwargs):
@@ -75,7 +75,7 @@ class CLIPEncoderLayer(keras.layers.Layer):
         return x + self.mlp(ops.cast(self.layer_norm2(x), self.compute_dtype))
 
 
-class CLIPEncoder(keras.layers.Layer):
+class CLIPEncoder(Block):
     """The stack of encoder layers (`encoder.layers.N`)."""
 
     def __init__(self, config: CLIPConfig, **kwargs):
@@ -84,7 +84,7 @@ class CLIPEncoder(keras.layers.Layer):
                        for i in range(config.num_hidden_layers)]
 
 
-class CLIPTextModel(keras.Model):
+class CLIPTextModel(LazyBuild, keras.Model):
     """Token ids (B, L) -> last hidden state after the final LayerNorm (B, L, hidden_size).
 
     With `output_hidden_states=True` also returns every layer's output as transformers does:
@@ -98,9 +98,6 @@ class CLIPTextModel(keras.Model):
         self.embeddings = CLIPEmbeddings(config, name="embeddings", dtype=dt)
         self.encoder = CLIPEncoder(config, name="encoder", dtype=dt)
         self.final_layer_norm = layer_norm(config.layer_norm_eps, "final_layer_norm", dt)
-
-    def build(self, input_shape):
-        self.built = True  # sublayers build on the first call
 
     def call(self, input_ids, output_hidden_states=False):
         length = ops.shape(input_ids)[1]

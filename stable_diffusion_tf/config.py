@@ -1,4 +1,4 @@
-"""Frozen configs for the three networks, presets for SD 1.x, and readers of diffusers' config.json."""
+"""Frozen configs for the three networks, presets for SD 1.x and 2.x, and readers of diffusers' config.json."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False
+    upcast_attention: bool = False  # q.k in float32 under mixed precision too (SD 2.1)
 
     @property
     def time_embed_dim(self) -> int:
@@ -76,6 +77,7 @@ class UNetConfig:
             norm_num_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
             use_linear_projection=cfg.get("use_linear_projection", False),
+            upcast_attention=cfg.get("upcast_attention", False),
         )
 
 
@@ -101,12 +103,23 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The three networks of one Stable Diffusion model."""
+    """The three networks of one Stable Diffusion model, and the token that pads its prompts."""
 
     family: str
     text_encoder: CLIPConfig
     unet: UNetConfig
     vae: VAEConfig
+    pad_token_id: int = 49407  # SD 1.x pads with the end token; SD 2.x (OpenCLIP) with 0, the token "!"
 
 
 SD1 = ModelConfig("sd1", CLIPConfig(), UNetConfig(), VAEConfig())
+# SD 2.x: OpenCLIP ViT-H/14 text tower without its last layer (SD 2.x reads the penultimate one), head dim 64
+SD2 = ModelConfig(
+    "sd2",
+    CLIPConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+               hidden_act="gelu"),
+    UNetConfig(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+               upcast_attention=True),
+    VAEConfig(),
+    pad_token_id=0,
+)

@@ -12,6 +12,21 @@ import keras
 from keras import ops
 
 
+class LazyBuild:
+    """Marks a container built at once: its sublayers build on the first call.
+
+    Without this Keras traces every container's `call` symbolically to build it, nested containers
+    again inside their parents', which makes building the UNet take tens of seconds.
+    """
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+
+class Block(LazyBuild, keras.layers.Layer):
+    """Base of every container layer."""
+
+
 def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> keras.layers.Conv2D:
     """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly)."""
     padding = "same" if strides == 1 else "valid"
@@ -42,10 +57,14 @@ def timestep_embedding(timesteps, dim: int):
     return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
 
 
-def attention(q, k, v, heads: int, bias=None):
+MAX_SCORES = 2**26  # attention scores per image held at once (256 MB in float32); larger attention is chunked
+
+
+def attention(q, k, v, heads: int, bias=None, upcast: bool = False):
     """Multi-head scaled dot-product attention on (B, N, heads*d) tensors; softmax in float32.
 
-    `bias` is added to the float32 scores (e.g. a causal mask of 0 / -inf).
+    `bias` is added to the float32 scores (e.g. a causal mask of 0 / -inf). With `upcast`, q.k is also
+    computed in float32 under mixed precision (diffusers' upcast_attention, which SD 2.1 needs in float16).
     """
     b, n = ops.shape(q)[0], ops.shape(q)[1]
     d = q.shape[-1] // heads
@@ -54,15 +73,28 @@ def attention(q, k, v, heads: int, bias=None):
         return ops.transpose(ops.reshape(x, (b, -1, heads, d)), (0, 2, 1, 3))
 
     q, k, v = split(q), split(k), split(v)
-    scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32") * (d**-0.5)
-    if bias is not None:
-        scores = scores + ops.cast(bias, "float32")
-    probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
-    out = ops.matmul(probs, v)
+    if upcast:
+        q, k = ops.cast(q, "float32"), ops.cast(k, "float32")
+    k_t = ops.transpose(k, (0, 1, 3, 2))
+
+    def attend(q_rows, bias_rows):
+        scores = ops.cast(ops.matmul(q_rows, k_t), "float32") * (d**-0.5)
+        if bias_rows is not None:
+            scores = scores + ops.cast(bias_rows, "float32")
+        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
+
+    n_q, n_k = q.shape[2], k.shape[2]
+    if n_q is None or n_k is None:  # shapes unknown while tracing: one block
+        out = attend(q, bias)
+    else:  # memory-efficient form: queries in chunks, at most MAX_SCORES scores per image at once
+        rows = max(1, min(n_q, MAX_SCORES // (heads * n_k)))
+        chunks = [attend(q[:, :, i:i + rows], None if bias is None else bias[..., i:i + rows, :])
+                  for i in range(0, n_q, rows)]
+        out = ops.concatenate(chunks, axis=2) if len(chunks) > 1 else chunks[0]
     return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, heads * d))
 
 
-class ResnetBlock2D(keras.layers.Layer):
+class ResnetBlock2D(Block):
     """diffusers ResnetBlock2D: GN-SiLU-conv, optional time embedding add, GN-SiLU-conv, shortcut."""
 
     def __init__(self, in_channels, out_channels, groups, eps, temb=False, **kwargs):
@@ -85,13 +117,14 @@ class ResnetBlock2D(keras.layers.Layer):
         return x + h
 
 
-class Attention(keras.layers.Layer):
+class Attention(Block):
     """diffusers Attention: to_q/to_k/to_v without bias (VAE: with bias), to_out.0 with bias."""
 
-    def __init__(self, dim, heads, bias=False, **kwargs):
+    def __init__(self, dim, heads, bias=False, upcast=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.heads = heads
+        self.upcast = upcast
         self.to_q = keras.layers.Dense(dim, use_bias=bias, name="to_q", dtype=dt)
         self.to_k = keras.layers.Dense(dim, use_bias=bias, name="to_k", dtype=dt)
         self.to_v = keras.layers.Dense(dim, use_bias=bias, name="to_v", dtype=dt)
@@ -99,11 +132,11 @@ class Attention(keras.layers.Layer):
 
     def call(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
         return self.to_out[0](out)
 
 
-class GEGLU(keras.layers.Layer):
+class GEGLU(Block):
     """GELU-gated linear unit (Shazeer 2020): proj -> (h, gate) -> h * gelu(gate), exact erf GELU."""
 
     def __init__(self, inner, **kwargs):
@@ -115,7 +148,7 @@ class GEGLU(keras.layers.Layer):
         return h * ops.gelu(gate, approximate=False)
 
 
-class FeedForward(keras.layers.Layer):
+class FeedForward(Block):
     """diffusers FeedForward: `net.0` GEGLU, `net.1` dropout (identity at inference), `net.2` Linear."""
 
     def __init__(self, dim, **kwargs):
@@ -128,16 +161,16 @@ class FeedForward(keras.layers.Layer):
         return self.net[2](self.net[0](x))
 
 
-class BasicTransformerBlock(keras.layers.Layer):
+class BasicTransformerBlock(Block):
     """Self-attention, cross-attention on the text, GEGLU feed-forward; pre-LayerNorm residuals."""
 
-    def __init__(self, dim, heads, **kwargs):
+    def __init__(self, dim, heads, upcast=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.norm1 = layer_norm(1e-5, "norm1", dt)
-        self.attn1 = Attention(dim, heads, name="attn1", dtype=dt)
+        self.attn1 = Attention(dim, heads, upcast=upcast, name="attn1", dtype=dt)
         self.norm2 = layer_norm(1e-5, "norm2", dt)
-        self.attn2 = Attention(dim, heads, name="attn2", dtype=dt)
+        self.attn2 = Attention(dim, heads, upcast=upcast, name="attn2", dtype=dt)
         self.norm3 = layer_norm(1e-5, "norm3", dt)
         self.ff = FeedForward(dim, name="ff", dtype=dt)
 
@@ -148,19 +181,20 @@ class BasicTransformerBlock(keras.layers.Layer):
         return x + self.ff(cast(self.norm3(x)))
 
 
-class Transformer2DModel(keras.layers.Layer):
+class Transformer2DModel(Block):
     """Spatial transformer: GN, proj_in, transformer blocks over H*W tokens, proj_out, residual.
 
-    proj_in/proj_out are Dense; 1x1-conv checkpoints (SD 1.x) load into them unchanged.
+    proj_in/proj_out are Dense: SD 2.x's linear projections and SD 1.x's 1x1 convs (the same map) both load.
     """
 
-    def __init__(self, channels, heads, depth, groups, **kwargs):
+    def __init__(self, channels, heads, depth, groups, upcast=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.norm = group_norm(groups, 1e-6, "norm", dt)
         self.proj_in = keras.layers.Dense(channels, name="proj_in", dtype=dt)
         self.transformer_blocks = [
-            BasicTransformerBlock(channels, heads, name=f"transformer_blocks.{i}", dtype=dt) for i in range(depth)
+            BasicTransformerBlock(channels, heads, upcast, name=f"transformer_blocks.{i}", dtype=dt)
+            for i in range(depth)
         ]
         self.proj_out = keras.layers.Dense(channels, name="proj_out", dtype=dt)
 
@@ -172,7 +206,7 @@ class Transformer2DModel(keras.layers.Layer):
         return x + ops.reshape(self.proj_out(t), (b, h, w, c))
 
 
-class Downsample2D(keras.layers.Layer):
+class Downsample2D(Block):
     """Stride-2 3x3 conv; pads (1,1) like the UNet's torch conv, or (0,1) like the VAE encoder."""
 
     def __init__(self, channels, asymmetric=False, **kwargs):
@@ -184,7 +218,7 @@ class Downsample2D(keras.layers.Layer):
         return self.conv(ops.pad(x, ((0, 0), *self.pad, (0, 0))))
 
 
-class Upsample2D(keras.layers.Layer):
+class Upsample2D(Block):
     """Nearest-neighbour upsampling (2x, or to the skip's size when the latent size is odd) then a 3x3 conv."""
 
     def __init__(self, channels, **kwargs):

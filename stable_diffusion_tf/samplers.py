@@ -16,6 +16,8 @@ from .schedules import SCHEDULERS, Schedule
 
 Denoiser = Callable[[np.ndarray, float, float], np.ndarray]
 Steps = Iterator[tuple[np.ndarray, float]]
+Blend = Callable[[np.ndarray, int], np.ndarray]  # (diffusers-form latents after a step, grid index k) -> latents
+Between = Callable[..., np.ndarray]  # (x in sigma space, its grid point[, blend target]) -> x
 
 SAMPLERS = tuple(SCHEDULERS)
 
@@ -33,25 +35,25 @@ def _toward(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_next: float) -> n
     return x + (sigma_next - sigma) * (x - x0) / sigma
 
 
-def _euler(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
+def _euler(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """Euler (Karras et al. 2022, Alg. 2 without churn); DDIM with eta = 0 is the same step in sigma space."""
     for i in range(start, len(s.timesteps)):
-        x = _toward(x, _at(denoise, x, s, i), s.sigmas[i], s.sigmas[i + 1])
+        x = between(_toward(x, _at(denoise, x, s, i), s.sigmas[i], s.sigmas[i + 1]), i + 1)
         yield x, s.sigmas[i + 1]
 
 
-def _euler_ancestral(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
+def _euler_ancestral(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """Euler ancestral: a deterministic step down to sigma_down, then fresh noise of std sigma_up (k-diffusion)."""
     for i in range(start, len(s.timesteps)):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
         sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
         # diffusers draws noise on every step, the last one included (where sigma_up is 0)
-        x = _toward(x, _at(denoise, x, s, i), sigma, sigma_down) + noise(i) * sigma_up
+        x = between(_toward(x, _at(denoise, x, s, i), sigma, sigma_down) + noise(i) * sigma_up, i + 1)
         yield x, sigma_next
 
 
-def _heun(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
+def _heun(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn)."""
     n = len(s.timesteps)
     for i in range(start, n):
@@ -59,9 +61,10 @@ def _heun(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> S
         d = (x - _at(denoise, x, s, i)) / sigma
         x_next = x + (sigma_next - sigma) * d
         if i + 1 < n:  # diffusers' duplicated timesteps evaluate this at the next grid point; not on the last step
+            x_next = between(x_next, i + 1)  # diffusers' inpainting blends after the first-order half step too
             d_next = (x_next - _at(denoise, x_next, s, i + 1)) / sigma_next
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
-        x = x_next
+        x = between(x_next, i + 1)
         yield x, sigma_next
 
 
@@ -73,7 +76,8 @@ def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
     return np.polyval(poly, sigmas[i + 1]) - np.polyval(poly, sigmas[i])
 
 
-def _lms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, max_order: int = 4) -> Steps:
+def _lms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between,
+         max_order: int = 4) -> Steps:
     """Linear multistep over the last four derivatives dx/dsigma (k-diffusion's sample_lms)."""
     derivatives = []
     for i in range(start, len(s.timesteps)):
@@ -81,7 +85,7 @@ def _lms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, max_o
         # the order counts from the grid start, not from start_index: img2img's first steps use a few unused nodes
         order = min(i + 1, max_order)
         coefficients = [_lms_coefficient(s.sigmas, i, order, j) for j in range(order)]
-        x = x + sum(c * d for c, d in zip(coefficients, reversed(derivatives)))
+        x = between(x + sum(c * d for c, d in zip(coefficients, reversed(derivatives))), i + 1)
         yield x, s.sigmas[i + 1]
 
 
@@ -90,29 +94,38 @@ def _plms_walk(n: int, start: int = 0) -> list[int]:
     return ([0, 1] + list(range(1, n)) if n > 1 else [0])[start:]
 
 
-def _plms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
-    """PNDM with skip_prk_steps (Liu et al. 2022): Adams-Bashforth on eps after one Heun-like warm-up step."""
+def _plms(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
+    """PNDM with skip_prk_steps (Liu et al. 2022): Adams-Bashforth on the model output (eps, or v as diffusers
+    combines it) after one Heun-like warm-up step."""
     walk = _plms_walk(len(s.timesteps), start)
     scale = 1 / np.sqrt(1 + s.sigmas**2)  # sqrt(alphas_cumprod): PNDM's bookkeeping is in VP form, so run in it
     x = x * scale[walk[0]]
     history = []
     for k, j in enumerate(walk):
-        eps = (x / scale[j] - _at(denoise, x / scale[j], s, j)) / s.sigmas[j]
+        x0 = _at(denoise, x / scale[j], s, j)
+        if s.prediction_type == "v_prediction":  # v = sqrt(a) * eps - sqrt(1 - a) * x0 (Salimans & Ho 2022)
+            out = (x * scale[j] - x0) / (s.sigmas[j] * scale[j])
+        else:
+            out = (x / scale[j] - x0) / s.sigmas[j]
         if k == 0:
             first = x
-        if k == 1:  # second call: average with the first eps and redo the step from the grid point before
+        if k == 1:  # second call: average with the first output and redo the step from the grid point before
             # (when img2img starts at walk [1, 1, 2, ...], diffusers applies this to a latent one point lower)
-            j, x, eps = j - 1, first, (eps + history[-1]) / 2
+            j, x, out = j - 1, first, (out + history[-1]) / 2
         else:
-            history = history[-3:] + [eps]
-            eps = sum(c * e for c, e in zip(_ADAMS_BASHFORTH[len(history) - 1], reversed(history)))
-        x_sigma = x / scale[j] + (s.sigmas[j + 1] - s.sigmas[j]) * eps
+            history = history[-3:] + [out]
+            out = sum(c * e for c, e in zip(_ADAMS_BASHFORTH[len(history) - 1], reversed(history)))
+        # diffusers turns the combined v into eps at the latent this step starts from, not each v at its own
+        eps = scale[j] * out + s.sigmas[j] * scale[j] * x if s.prediction_type == "v_prediction" else out
+        # diffusers' inpainting noises the kept region to its next listed timestep, not always this level
+        target = walk[k + 1] if k + 1 < len(walk) else len(s.timesteps)
+        x_sigma = between(x / scale[j] + (s.sigmas[j + 1] - s.sigmas[j]) * eps, j + 1, target)
         x = x_sigma * scale[j + 1]
         if k > 0 or len(walk) == 1:  # the first step of a longer walk is provisional
             yield x_sigma, s.sigmas[j + 1]
 
 
-def _dpmpp_2m(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
+def _dpmpp_2m(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """DPM-Solver++(2M) (Lu et al. 2022), midpoint form, as a data-prediction step in sigma space."""
     n, previous = len(s.timesteps), None
     for i in range(start, n):
@@ -122,7 +135,7 @@ def _dpmpp_2m(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) 
         if previous is not None and i + 1 < n:
             r = np.log(s.sigmas[i - 1] / sigma) / np.log(sigma / sigma_next)  # h_last / h
             x0 = denoised + (denoised - previous) / (2 * r)
-        x = _toward(x, x0, sigma, sigma_next)
+        x = between(_toward(x, x0, sigma, sigma_next), i + 1)
         previous = denoised
         yield x, sigma_next
 
@@ -155,7 +168,7 @@ def _unipc_step(x: np.ndarray, x0s: list, s: Schedule, a: int, order: int, x0_ne
     return _toward(x, x0 + correction, sigma, sigma_next)  # with bh2, B(h) = expm1(-h) makes every update this line
 
 
-def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> Steps:
+def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """UniPC with diffusers' defaults: bh2, predict_x0, solver_order 2, lower_order_final."""
     n, x0s, order = len(s.timesteps), [], 0
     for i in range(start, n):
@@ -164,7 +177,7 @@ def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise) -> 
             x = _unipc_step(x_last, x0s, s, i - 1, order, x0_next=x0)
         x0s = x0s[-1:] + [x0]
         order = min(2, n - i, len(x0s))  # warm up from order 1, and end with order 1 (lower_order_final)
-        x_last, x = x, _unipc_step(x, x0s, s, i, order)
+        x_last, x = x, between(_unipc_step(x, x0s, s, i, order), i + 1)  # UniC redoes x from x_last, unblended
         yield x, s.sigmas[i + 1]
 
 
@@ -202,9 +215,37 @@ def add_noise(x0: np.ndarray, noise: np.ndarray, schedule: Schedule, start_index
     return np.asarray(x0, np.float64) + sigma * np.asarray(noise, np.float64)
 
 
+def inpaint_blend(x0: np.ndarray, noise: np.ndarray, keep: np.ndarray, schedule: Schedule) -> Blend:
+    """diffusers' inpainting with a 4-channel UNet: after each step, where `keep` is 1 the latents become x0 noised
+    to the timestep diffusers lists next (`scheduler.add_noise`), and x0 itself after the last step."""
+    x0, noise, keep = (np.asarray(a, np.float64) for a in (x0, noise, keep))
+
+    def blend(latents: np.ndarray, k: int) -> np.ndarray:
+        if k == len(schedule.timesteps):
+            kept = x0
+        else:
+            sigma = schedule.sigmas[k]
+            kept = (x0 + sigma * noise) / (np.sqrt(1 + sigma**2) if schedule.vp else 1.0)
+        return keep * kept + (1 - keep) * latents
+
+    return blend
+
+
+def _between(blend: Blend | None, schedule: Schedule) -> Between:
+    """What samplers call after each scheduler step: `blend` applied in diffusers' latent form (or nothing)."""
+    def between(x: np.ndarray, level: int, target: int | None = None) -> np.ndarray:
+        if blend is None:
+            return x
+        scale = 1 / np.sqrt(1 + schedule.sigmas[level] ** 2) if schedule.vp else 1.0
+        return blend(x * scale, level if target is None else target) / scale
+
+    return between
+
+
 def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
            noise: Callable[[int], np.ndarray] | None = None,
-           callback: Callable[[int, int, np.ndarray], None] | None = None, start_index: int = 0) -> np.ndarray:
+           callback: Callable[[int, int, np.ndarray], None] | None = None, start_index: int = 0,
+           blend: Blend | None = None) -> np.ndarray:
     """Run `sampler` from x (sigma space) and return the latents diffusers' loop ends with.
 
     start_index is diffusers' img2img `t_start`: the walk covers `timesteps[t_start * order:]` of diffusers' list,
@@ -212,6 +253,7 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     for grid step i. callback(k, total, latents) follows each of the total = n - start_index steps, with the
     latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others. The result is in
     that form too: x0 for the samplers ending at sigma 0, the VP latent at alphas_cumprod[0] for ddim / plms.
+    blend(latents, k) runs after every scheduler step as diffusers' inpainting loop does (see `inpaint_blend`).
     """
     if sampler not in _SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -221,7 +263,8 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
         raise InputError("euler_a needs noise: a callable step_index -> array shaped like x")
     _check_start(schedule, start_index)
     total = len(schedule.timesteps) - start_index
-    steps = _SAMPLERS[sampler](denoise, np.asarray(x, np.float64), schedule, start_index, noise)
+    steps = _SAMPLERS[sampler](denoise, np.asarray(x, np.float64), schedule, start_index, noise,
+                               _between(blend, schedule))
     for k, (x, sigma) in enumerate(steps):
         latents = x / np.sqrt(1 + sigma**2) if schedule.vp else x
         if callback is not None:

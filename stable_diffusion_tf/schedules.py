@@ -42,13 +42,15 @@ class SchedulerConfig:
     steps_offset: int = 1
     timestep_spacing: str | None = None  # None: each scheduler's own diffusers default (see DEFAULT_SPACING)
     set_alpha_to_one: bool = False
-    prediction_type: str = "epsilon"  # read by the denoiser, not by the schedules
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"; read by the denoiser (and by PLMS, see Schedule)
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not supported; use 'linear' or 'scaled_linear'")
         if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
             raise InputError(f"timestep_spacing {self.timestep_spacing!r} is not 'leading', 'linspace' or 'trailing'")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> SchedulerConfig:
@@ -64,6 +66,7 @@ class Schedule(NamedTuple):
     sigmas: np.ndarray  # n + 1 descending k-diffusion sigmas; step i goes from sigmas[i] to sigmas[i + 1]
     timesteps: np.ndarray  # n float UNet timesteps, timesteps[i] paired with sigmas[i]
     init_noise_sigma: float  # diffusers' scheduler.init_noise_sigma after set_timesteps(n)
+    prediction_type: str = "epsilon"  # PLMS combines raw model outputs as diffusers' PNDM does, so it must know
 
     @property
     def vp(self) -> bool:
@@ -175,4 +178,4 @@ def make_schedule(sampler: str, num_inference_steps: int, config: SchedulerConfi
         init_noise_sigma = float(np.sqrt(np.float32(sigmas.max()) ** 2 + np.float32(1)))
     else:
         init_noise_sigma = float(sigmas.max())
-    return Schedule(sampler, sigmas, timesteps, init_noise_sigma)
+    return Schedule(sampler, sigmas, timesteps, init_noise_sigma, config.prediction_type)

@@ -6,10 +6,11 @@ import keras
 from keras import ops
 
 from .config import UNetConfig
-from .layers import Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm, timestep_embedding
+from .layers import (Block, Downsample2D, LazyBuild, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm,
+                     timestep_embedding)
 
 
-class TimestepEmbedding(keras.layers.Layer):
+class TimestepEmbedding(Block):
     """linear_1 -> SiLU -> linear_2 on the sinusoidal timestep features."""
 
     def __init__(self, dim, **kwargs):
@@ -21,7 +22,7 @@ class TimestepEmbedding(keras.layers.Layer):
         return self.linear_2(ops.silu(self.linear_1(x)))
 
 
-class UNetBlock(keras.layers.Layer):
+class UNetBlock(Block):
     """One resolution level: resnets, each optionally followed by a spatial transformer, then a resampler.
 
     Used for down blocks (`downsamplers.0`), up blocks (`upsamplers.0`, skip inputs concatenated)
@@ -58,7 +59,7 @@ class UNetBlock(keras.layers.Layer):
         return x, outputs
 
 
-class UNet(keras.Model):
+class UNet(LazyBuild, keras.Model):
     """eps_theta(z_t, t, c): noise prediction from latents (B, h, w, C), timesteps (B,) and text (B, 77, D)."""
 
     def __init__(self, config: UNetConfig, **kwargs):
@@ -73,7 +74,8 @@ class UNet(keras.Model):
             return ResnetBlock2D(cin, cout, groups, eps, temb=True, name=name, dtype=dt)
 
         def transformer(channels, heads, name):
-            return Transformer2DModel(channels, heads, config.transformer_layers_per_block, groups, name=name, dtype=dt)
+            return Transformer2DModel(channels, heads, config.transformer_layers_per_block, groups,
+                                      upcast=config.upcast_attention, name=name, dtype=dt)
 
         self.conv_in = conv(ch[0], 3, "conv_in", dt)
         self.time_embedding = TimestepEmbedding(config.time_embed_dim, name="time_embedding", dtype=dt)

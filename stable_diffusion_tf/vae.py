@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from .config import VAEConfig
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from .layers import Attention, Block, Downsample2D, LazyBuild, ResnetBlock2D, Upsample2D, conv, group_norm
 
 EPS = 1e-6  # every norm in the VAE
 
@@ -24,7 +25,7 @@ class VAEAttention(Attention):
         return x + ops.reshape(super().call(t), (b, h, w, c))
 
 
-class VAEBlock(keras.layers.Layer):
+class VAEBlock(Block):
     """Resnets (no time embedding) and an optional down/up sampler; with `mid`, resnet-attention-resnet."""
 
     def __init__(self, resnets, attentions=None, downsample=None, upsample=None, **kwargs):
@@ -56,7 +57,7 @@ def _mid_block(channels, groups, dt):
                     [VAEAttention(channels, groups, name="attentions.0", dtype=dt)], name="mid_block", dtype=dt)
 
 
-class Encoder(keras.layers.Layer):
+class Encoder(Block):
     """Image (B, H, W, 3) in [-1, 1] -> moments (B, H/8, W/8, 2 * latent_channels)."""
 
     def __init__(self, config: VAEConfig, **kwargs):
@@ -83,7 +84,7 @@ class Encoder(keras.layers.Layer):
         return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
 
 
-class Decoder(keras.layers.Layer):
+class Decoder(Block):
     """Latents (B, h, w, latent_channels) -> image (B, 8h, 8w, 3) in about [-1, 1]."""
 
     def __init__(self, config: VAEConfig, **kwargs):
@@ -110,7 +111,7 @@ class Decoder(keras.layers.Layer):
         return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
 
 
-class AutoencoderKL(keras.Model):
+class AutoencoderKL(LazyBuild, keras.Model):
     """Encoder/decoder pair with the 1x1 `quant_conv` / `post_quant_conv` around the latent."""
 
     def __init__(self, config: VAEConfig, **kwargs):
@@ -134,3 +135,36 @@ class AutoencoderKL(keras.Model):
 
     def call(self, images):
         return self.decode(self.encode(images)[0])
+
+
+def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
+    """Fades the last `extent` rows (axis 1) or columns (axis 2) of `a` into the first ones of `b`, in place."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    for y in range(extent):
+        w = y / extent
+        if axis == 1:
+            b[:, y] = a[:, y - extent] * (1 - w) + b[:, y] * w
+        else:
+            b[:, :, y] = a[:, :, y - extent] * (1 - w) + b[:, :, y] * w
+
+
+def tiled_decode(decode, latents: np.ndarray, tile: int = 64, overlap: float = 0.25, factor: int = 8) -> np.ndarray:
+    """Decodes (B, h, w, C) latents in overlapping tiles whose seams are blended linearly.
+
+    The algorithm of diffusers' AutoencoderKL.tiled_decode (tiles of `tile` latents, stepping by
+    tile * (1 - overlap), blending tile * factor * overlap pixels), so memory stays that of one tile.
+    """
+    step = int(tile * (1 - overlap))
+    extent = int(tile * factor * overlap)
+    limit = tile * factor - extent
+    rows = [[np.array(decode(latents[:, i:i + tile, j:j + tile]), dtype=np.float32)
+             for j in range(0, latents.shape[2], step)] for i in range(0, latents.shape[1], step)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j, piece in enumerate(row):  # blended in place: later tiles blend with already blended ones
+            if i > 0:
+                _blend(rows[i - 1][j], piece, extent, axis=1)
+            if j > 0:
+                _blend(row[j - 1], piece, extent, axis=2)
+        out_rows.append(np.concatenate([piece[:, :limit, :limit] for piece in row], axis=2))
+    return np.concatenate(out_rows, axis=1)

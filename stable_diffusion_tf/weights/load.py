@@ -46,15 +46,20 @@ def build_models(config: ModelConfig, dtype="float32") -> Models:
     """Creates the three networks with their variables (values are overwritten by the loader)."""
     text_encoder = CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype)
     unet = UNet(config.unet, name="unet", dtype=dtype)
-    vae = AutoencoderKL(config.vae, name="vae", dtype=dtype)
     length = config.text_encoder.max_position_embeddings
     context = text_encoder(np.zeros((1, length), "int32"))
     size = max(TINY_LATENT, 2 ** (len(config.unet.block_out_channels) - 1))
     unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
-    vae_factor = 2 ** len(config.vae.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
-    vae.decode(np.zeros((1, 2, 2, config.vae.latent_channels), "float32"))
-    vae.encode(np.zeros((1, vae_factor, vae_factor, config.vae.in_channels), "float32"))
-    return Models(config, text_encoder, unet, vae)
+    return Models(config, text_encoder, unet, build_vae(config.vae, dtype))
+
+
+def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
+    """Creates the VAE with its variables."""
+    vae = AutoencoderKL(config, name="vae", dtype=dtype)
+    vae_factor = 2 ** len(config.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
+    vae.decode(np.zeros((1, 2, 2, config.latent_channels), "float32"))
+    vae.encode(np.zeros((1, vae_factor, vae_factor, config.in_channels), "float32"))
+    return vae
 
 
 def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Models:
@@ -65,14 +70,19 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
     with open_checkpoint(source) as file:
         family = detect_family(file)
         if family not in LOADABLE:
-            raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; this version loads SD 1.x")
-        config = config or infer_config(file)
+            raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; {_loads()}")
+        config = config or infer_config(file, family)
         models = build_models(config, dtype)
         used: set[str] = set()
         assign(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source)
         assign(models.vae, _getter(file, lambda n: [names.vae_compvis(n, config.vae)], used), source)
-        assign(models.text_encoder, _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used), source)
-        _check_leftovers(source, [k for k in file.keys() if k not in used])
+        if _has_open_clip(file):
+            assign(models.text_encoder, _open_clip_getter(file, used), source)
+            layers = config.text_encoder.num_hidden_layers
+            used |= {k for k in file.keys() if names.open_clip_unused(k, layers)}  # left out on purpose
+        else:
+            assign(models.text_encoder, _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used), source)
+        _check_leftovers(source, [k for k in file.keys() if k not in used], family)
     return models
 
 
@@ -87,21 +97,50 @@ def _getter(file: TensorFile, candidates, used: set[str]):
     return get
 
 
-def _check_leftovers(source: str, keys: list[str]) -> None:
-    parts = (names.UNET_PREFIX, names.VAE_PREFIX, names.CLIP_PREFIX)
+def _has_open_clip(file: TensorFile) -> bool:
+    return any(k.startswith(names.OPEN_CLIP_PREFIX) for k in file.keys())
+
+
+def _open_clip_getter(file: TensorFile, used: set[str]):
+    """`get(name)` for the OpenCLIP text tower of SD 2.x files, cutting q, k and v out of the stacked in_proj."""
+    def get(name):
+        key, third = names.clip_open_clip(name)
+        if key not in file:
+            raise KeyError(key)
+        used.add(key)
+        value = file.get(key)
+        if third is None:
+            return key, value
+        n = value.shape[0] // 3
+        return f"{key}[{third * n}:{(third + 1) * n}]", value[third * n:(third + 1) * n]
+    return get
+
+
+def _check_leftovers(source: str, keys: list[str], family: str) -> None:
+    parts = (names.UNET_PREFIX, names.VAE_PREFIX, names.CLIP_PREFIX, names.OPEN_CLIP_PREFIX)
     unknown = [k for k in keys if not IGNORED.match(k)]
     inside = [k for k in unknown if k.startswith(parts)]
     if inside:
         raise CheckpointError(f"{source}: unexpected tensor {inside[0]} ({len(inside)} in all); "
-                              "the file does not match the SD 1.x architecture")
+                              f"the file does not match the {FAMILY_NAMES[family]} architecture")
     if unknown:
         warnings.warn(f"{source}: ignored {len(unknown)} tensors outside the model, e.g. {unknown[0]}", stacklevel=3)
 
 
-LOADABLE = {"sd1"}  # model families this version builds and fills
+LOADABLE = {"sd1", "sd1-inpainting", "sd2", "sd2-inpainting"}  # model families this version builds and fills
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
                 "sd1-inpainting": "Stable Diffusion 1.x inpainting (9-channel UNet)",
                 "sd2-inpainting": "Stable Diffusion 2.x inpainting (9-channel UNet)"}
+
+
+def _loads() -> str:
+    """'this version loads ...', the loadable families by name."""
+    return "this version loads " + ", ".join(FAMILY_NAMES[f] for f in FAMILY_NAMES if f in LOADABLE)
+
+
+def _pad_token_id(family: str) -> int:
+    """SD 2.x pads prompts with 0 ("!") as OpenCLIP and the SD 2.x tokenizer folders do; SD 1.x with the end token."""
+    return 0 if family.startswith("sd2") else 49407
 
 
 def detect_family(file: TensorFile) -> str:
@@ -117,7 +156,7 @@ def detect_family(file: TensorFile) -> str:
             raise CheckpointError(f"{file.path}: one diffusers component; pass the whole diffusers folder instead")
         raise CheckpointError(f"{file.path}: not a Stable Diffusion checkpoint (no {names.UNET_PREFIX}* tensors)")
     context_key = next((k for k in keys if k.endswith("attn2.to_k.weight") and k.startswith(names.UNET_PREFIX)), None)
-    sd2 = has("cond_stage_model.model.") or (context_key is not None and file.shape(context_key)[1] == 1024)
+    sd2 = has(names.OPEN_CLIP_PREFIX) or (context_key is not None and file.shape(context_key)[1] == 1024)
     conv_in = names.UNET_PREFIX + "input_blocks.0.0.weight"
     inpainting = conv_in in file and file.shape(conv_in)[1] == 9
     family = "sd2" if sd2 else "sd1"
@@ -129,8 +168,14 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
 
 
-def infer_config(file: TensorFile) -> ModelConfig:
-    """Reads every size of an SD 1.x single file from its tensor shapes (head counts follow SD 1.x: 8 and width/64)."""
+def infer_config(file: TensorFile, family: str | None = None) -> ModelConfig:
+    """Reads every size of a single file from its tensor shapes.
+
+    Head counts are not stored, so they follow the family: SD 1.x has 8 heads per level, SD 2.x a head
+    dimension of 64 (5/10/20/20 heads), both in the UNet; CLIP has width / 64 heads.
+    """
+    family = family or detect_family(file)
+    sd2 = family.startswith("sd2")
     keys, shape, p = file.keys(), file.shape, names.UNET_PREFIX
     try:
         ops = _indices(keys, re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight")
@@ -147,10 +192,12 @@ def infer_config(file: TensorFile) -> ModelConfig:
             block_out_channels=channels,
             attention_levels=attention,
             layers_per_block=per_level - 1,
-            num_attention_heads=(8,) * levels,
+            num_attention_heads=tuple(max(c // 64, 1) for c in channels) if sd2 else (8,) * levels,
             transformer_layers_per_block=depth,
             cross_attention_dim=shape(f"{p}input_blocks.{a}.1.transformer_blocks.0.attn2.to_k.weight")[1],
             use_linear_projection=len(shape(f"{p}input_blocks.{a}.1.proj_in.weight")) == 2,
+            # diffusers builds SD 2.x single files with SD 2.1's upcast_attention; it only matters in float16
+            upcast_attention=sd2,
         )
         v = names.VAE_PREFIX + "encoder."
         vae_levels = _indices(keys, re.escape(v) + r"down\.(\d+)\.block\.0\.conv1\.weight")
@@ -161,18 +208,39 @@ def infer_config(file: TensorFile) -> ModelConfig:
             block_out_channels=tuple(shape(f"{v}down.{i}.block.0.conv1.weight")[0] for i in vae_levels),
             layers_per_block=len(_indices(keys, re.escape(v) + r"down\.0\.block\.(\d+)\.conv1\.weight")),
         )
-        t = next(c for c in names.clip_names("", names.CLIP_PREFIX) if c + "embeddings.token_embedding.weight" in file)
-        vocab, width = shape(t + "embeddings.token_embedding.weight")
-        clip = CLIPConfig(
-            vocab_size=vocab, hidden_size=width,
-            intermediate_size=shape(t + "encoder.layers.0.mlp.fc1.weight")[0],
-            num_hidden_layers=len(_indices(keys, re.escape(t + "encoder.layers.") + r"(\d+)\.")),
-            num_attention_heads=max(width // 64, 1),
-            max_position_embeddings=shape(t + "embeddings.position_embedding.weight")[0],
-        )
+        clip = _open_clip_config(file) if _has_open_clip(file) else _clip_config(file, "gelu" if sd2 else "quick_gelu")
     except (KeyError, IndexError, StopIteration) as e:
-        raise CheckpointError(f"{file.path}: incomplete SD 1.x checkpoint (cannot read the model sizes: {e})") from None
-    return ModelConfig("sd1", clip, unet, vae)
+        raise CheckpointError(f"{file.path}: incomplete checkpoint (cannot read the model sizes: {e})") from None
+    return ModelConfig(family, clip, unet, vae, pad_token_id=_pad_token_id(family))
+
+
+def _clip_config(file: TensorFile, hidden_act: str) -> CLIPConfig:
+    """The sizes of a transformers-layout text encoder (`cond_stage_model.transformer.*`)."""
+    t = next(c for c in names.clip_names("", names.CLIP_PREFIX) if c + "embeddings.token_embedding.weight" in file)
+    vocab, width = file.shape(t + "embeddings.token_embedding.weight")
+    return CLIPConfig(
+        vocab_size=vocab, hidden_size=width,
+        intermediate_size=file.shape(t + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=len(_indices(file.keys(), re.escape(t + "encoder.layers.") + r"(\d+)\.")),
+        num_attention_heads=max(width // 64, 1),
+        max_position_embeddings=file.shape(t + "embeddings.position_embedding.weight")[0],
+        hidden_act=hidden_act,
+    )
+
+
+def _open_clip_config(file: TensorFile) -> CLIPConfig:
+    """The sizes of an OpenCLIP text tower (`cond_stage_model.model.*`) less its last resblock (SD 2.x: penultimate)."""
+    o = names.OPEN_CLIP_PREFIX
+    vocab, width = file.shape(o + "token_embedding.weight")
+    resblocks = _indices(file.keys(), re.escape(o + "transformer.resblocks.") + r"(\d+)\.")
+    return CLIPConfig(
+        vocab_size=vocab, hidden_size=width,
+        intermediate_size=file.shape(o + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=len(resblocks) - 1,
+        num_attention_heads=max(width // 64, 1),
+        max_position_embeddings=file.shape(o + "positional_embedding")[0],
+        hidden_act="gelu",
+    )
 
 
 COMPONENT_FILES = {
@@ -206,16 +274,17 @@ def read_folder_config(folder: str) -> ModelConfig:
         clip = CLIPConfig.from_diffusers(_read_json(os.path.join(folder, "text_encoder", "config.json")))
     except (KeyError, TypeError, ValueError) as e:
         if unet_cfg.get("addition_embed_type") == "text_time":
-            raise UnsupportedModelError(f"{folder}: SDXL model; this version loads SD 1.x") from None
+            raise UnsupportedModelError(f"{folder}: SDXL model; {_loads()}") from None
         raise CheckpointError(f"{folder}: unsupported or broken config ({e})") from None
-    family = "sd2" if unet.cross_attention_dim == 1024 else "sd1"
+    # SD 2.x: an OpenCLIP text encoder (exact GELU; SD 1.x's OpenAI CLIP has quick_gelu) or 1024-wide context
+    family = "sd2" if clip.hidden_act == "gelu" or unet.cross_attention_dim == 1024 else "sd1"
     if unet_cfg.get("addition_embed_type") == "text_time" or unet.cross_attention_dim == 2048:
         family = "sdxl"
     elif unet.in_channels == 9:
         family += "-inpainting"
     if family not in LOADABLE:
-        raise UnsupportedModelError(f"{folder}: {FAMILY_NAMES[family]} model; this version loads SD 1.x")
-    return ModelConfig("sd1", clip, unet, vae)
+        raise UnsupportedModelError(f"{folder}: {FAMILY_NAMES[family]} model; {_loads()}")
+    return ModelConfig(family, clip, unet, vae, pad_token_id=_pad_token_id(family))
 
 
 def _component_file(folder: str, part: str) -> str:
