@@ -115,17 +115,24 @@ def save_all(directory: str, text_encoder, unet, vae) -> dict:
              "diffusers": os.path.join(directory, "tiny-diffusers")}
     save_file({k: v.contiguous() for k, v in state.items()}, paths["safetensors"])
     torch.save({"state_dict": state, "global_step": 840000, "epoch": 6}, paths["ckpt"])
-    folder = paths["diffusers"]
+    save_diffusers_folder(paths["diffusers"], text_encoder, unet, vae, reference_tokenizer,
+                          {"_class_name": "PNDMScheduler", **SCHEDULER})
+    return paths
+
+
+def save_diffusers_folder(folder: str, text_encoder, unet, vae, tokenizer, scheduler: dict) -> None:
+    """A diffusers folder as the Hub repos have it, the text encoder with transformers 4.x names."""
+    from safetensors.torch import save_file
+
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
     text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
     save_file(text_encoder_state(text_encoder), os.path.join(folder, "text_encoder", "model.safetensors"))
-    reference_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "PNDMScheduler", **SCHEDULER}, f)
-    return paths
+        json.dump(scheduler, f)
 
 
 def reference_tokenizer(folder: str):
@@ -305,14 +312,6 @@ def save_all_sd2(directory: str, text_encoder, unet, vae) -> dict:
     paths = {"safetensors": os.path.join(directory, "tiny-sd2.safetensors"),
              "diffusers": os.path.join(directory, "tiny-sd2-diffusers")}
     save_file({k: v.contiguous() for k, v in compvis_state_sd2(text_encoder, unet, vae).items()}, paths["safetensors"])
-    folder = paths["diffusers"]
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
-    text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
-    save_file(text_encoder_state(text_encoder), os.path.join(folder, "text_encoder", "model.safetensors"))
-    reference_tokenizer_sd2(os.path.join(folder, "tokenizer"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "DDIMScheduler", **SCHEDULER2}, f)
+    save_diffusers_folder(paths["diffusers"], text_encoder, unet, vae, reference_tokenizer_sd2,
+                          {"_class_name": "DDIMScheduler", **SCHEDULER2})
     return paths
