@@ -2,8 +2,9 @@
 
 Each hostile checkpoint goes through `StableDiffusion.from_pretrained` (typed error) and `text2image`
 (exit code 2, one error line), and afterwards no canary file exists and the output folder is unchanged.
-The byte-level readers are covered case by case, and fuzzed, in test_formats.py; this module reuses
-its builders.
+Hostile images go through image_to_image / inpaint and img2img / inpaint the same way. The byte-level
+readers are covered case by case, and fuzzed, in test_formats.py; images in test_images.py; this module
+reuses their builders.
 """
 
 import os
@@ -15,6 +16,7 @@ import torch
 
 from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, StableDiffusionError, cli
 from test_formats import BROKEN, _members, _payloads, _replace, _write_zip
+from test_images import _noise_image, _png_header, _truncated
 
 CLI_BROKEN = ["truncated safetensors", "header too large", "overlap", "duplicate key", "dotdot member",
               "byteorder big", "view past storage", "legacy torch", "empty", "lfs pointer", "html", "random bytes",
@@ -140,3 +142,36 @@ def test_nan_latents_are_never_written_black(pipe, monkeypatch, outdir, capsys, 
         pipe.text_to_image("x", height=64, width=64, num_inference_steps=2, seed=0)
     code, err = run_cli(checkpoints["safetensors"], outdir, capsys)
     assert code == 2 and "NaN" in err[0]
+
+
+IMAGE_CASES = {  # name: (write(path), message fragment); builders from test_images.py
+    "notes.png": (lambda p: p.write_text("hello"), "not a PNG"),
+    "truncated.png": (lambda p: _truncated(p, "PNG"), "cannot read it"),
+    "bomb.png": (lambda p: p.write_bytes(_png_header(20000, 20000)), "decompression bomb"),
+    "image.tga": (lambda p: _noise_image().save(p, format="TGA"), "not a PNG"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_CASES))
+def test_hostile_images_through_library_and_clis(pipe, checkpoints, tmp_path, outdir, capsys, name):
+    write, fragment = IMAGE_CASES[name]
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(InputError, match=fragment):
+        pipe.image_to_image("x", str(path), num_inference_steps=1)
+    with pytest.raises(InputError, match=fragment):
+        pipe.inpaint("x", _noise_image(64, 64), str(path), num_inference_steps=1)
+    for mode, flags in (("img2img", ["--init-image", str(path)]),
+                        ("inpaint", ["--image", str(path), "--mask", str(path)])):
+        before = snapshot(outdir)
+        code = getattr(cli, mode)(["--prompt", "x", "--weights", checkpoints["safetensors"], "--steps", "1",
+                                   "--output", str(outdir / "new.png"), "--quiet", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"{mode}: error:") and fragment in err[0]
+        assert snapshot(outdir) == before
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])
+def test_strength_outside_0_1(pipe, strength):
+    with pytest.raises(InputError, match="strength"):
+        pipe.image_to_image("x", _noise_image(64, 64), strength=strength, num_inference_steps=1)
