@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,8 +139,14 @@ def worker(args) -> None:
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         with torch.no_grad():
             pipe("a photo", height=args.size, width=args.size, num_inference_steps=args.steps, output_type="np")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
-    print(json.dumps({"load_s": load_seconds, "peak_gb": peak}))
+    print(json.dumps({"load_s": load_seconds, "peak_gb": peak_rss_gb()}))
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, it is not inherited from the parent)."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 2**20
 
 
 def isolated(paths: dict, precision: str, size: int, steps: int) -> list[tuple[str, float, float]]:
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["speed", "memory"], help="run one half: the timings, or load + peak RSS")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None)
@@ -185,8 +191,9 @@ def main() -> None:
         print(f"checkpoint: {size_gb:.2f} GB single file")
         print(f"{'measurement':55s} {'ours':>9s} {'diffusers':>10s} {'ratio':>7s}")
         for precision in precisions:
-            for name, mine, theirs in speed(paths, precision, args.size, args.steps, repeats) + \
-                    isolated(paths, precision, args.size, args.steps):
+            rows = [] if args.only == "memory" else speed(paths, precision, args.size, args.steps, repeats)
+            rows += [] if args.only == "speed" else isolated(paths, precision, args.size, args.steps)
+            for name, mine, theirs in rows:
                 print(f"{name:55s} {mine:9.3f} {theirs:10.3f} {mine / theirs:7.2f}", flush=True)
 
 
