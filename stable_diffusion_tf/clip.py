@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from .config import CLIPConfig
-from .layers import Block, LazyBuild, attention, layer_norm
+from .layers import Block, LazyBuild, attention, dense, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -21,8 +21,10 @@ class CLIPEmbeddings(Block):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.token_embedding = keras.layers.Embedding(config.vocab_size, config.hidden_size,
+                                                      embeddings_initializer="zeros",
                                                       name="token_embedding", dtype=dt)
         self.position_embedding = keras.layers.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                         embeddings_initializer="zeros",
                                                          name="position_embedding", dtype=dt)
 
     def call(self, input_ids):
@@ -37,10 +39,10 @@ class CLIPAttention(Block):
         super().__init__(**kwargs)
         dt, dim = self.dtype_policy, config.hidden_size
         self.heads = config.num_attention_heads
-        self.q_proj = keras.layers.Dense(dim, name="q_proj", dtype=dt)
-        self.k_proj = keras.layers.Dense(dim, name="k_proj", dtype=dt)
-        self.v_proj = keras.layers.Dense(dim, name="v_proj", dtype=dt)
-        self.out_proj = keras.layers.Dense(dim, name="out_proj", dtype=dt)
+        self.q_proj = dense(dim, name="q_proj", dtype=dt)
+        self.k_proj = dense(dim, name="k_proj", dtype=dt)
+        self.v_proj = dense(dim, name="v_proj", dtype=dt)
+        self.out_proj = dense(dim, name="out_proj", dtype=dt)
 
     def call(self, x, mask):
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, bias=mask))
@@ -52,8 +54,8 @@ class CLIPMLP(Block):
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)
         self.act = ACTIVATIONS[config.hidden_act]
-        self.fc1 = keras.layers.Dense(config.intermediate_size, name="fc1", dtype=self.dtype_policy)
-        self.fc2 = keras.layers.Dense(config.hidden_size, name="fc2", dtype=self.dtype_policy)
+        self.fc1 = dense(config.intermediate_size, name="fc1", dtype=self.dtype_policy)
+        self.fc2 = dense(config.hidden_size, name="fc2", dtype=self.dtype_policy)
 
     def call(self, x):
         return self.fc2(self.act(self.fc1(x)))

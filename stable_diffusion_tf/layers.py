@@ -28,9 +28,19 @@ class Block(LazyBuild, keras.layers.Layer):
 
 
 def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> keras.layers.Conv2D:
-    """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly)."""
+    """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly).
+
+    Kernels start at zero here and in `dense`: every weight comes from a checkpoint, and random
+    initialisation of a billion parameters would be most of the load time.
+    """
     padding = "same" if strides == 1 else "valid"
-    return keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype)
+    return keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype,
+                               kernel_initializer="zeros")
+
+
+def dense(units: int, name: str, dtype, use_bias: bool = True) -> keras.layers.Dense:
+    """A Dense layer whose kernel starts at zero (see `conv`)."""
+    return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype, kernel_initializer="zeros")
 
 
 def group_norm(groups: int, eps: float, name: str, dtype) -> keras.layers.GroupNormalization:
@@ -102,7 +112,7 @@ class ResnetBlock2D(Block):
         dt = self.dtype_policy
         self.norm1 = group_norm(groups, eps, "norm1", dt)
         self.conv1 = conv(out_channels, 3, "conv1", dt)
-        self.time_emb_proj = keras.layers.Dense(out_channels, name="time_emb_proj", dtype=dt) if temb else None
+        self.time_emb_proj = dense(out_channels, name="time_emb_proj", dtype=dt) if temb else None
         self.norm2 = group_norm(groups, eps, "norm2", dt)
         self.conv2 = conv(out_channels, 3, "conv2", dt)
         self.conv_shortcut = conv(out_channels, 1, "conv_shortcut", dt) if in_channels != out_channels else None
@@ -125,10 +135,10 @@ class Attention(Block):
         dt = self.dtype_policy
         self.heads = heads
         self.upcast = upcast
-        self.to_q = keras.layers.Dense(dim, use_bias=bias, name="to_q", dtype=dt)
-        self.to_k = keras.layers.Dense(dim, use_bias=bias, name="to_k", dtype=dt)
-        self.to_v = keras.layers.Dense(dim, use_bias=bias, name="to_v", dtype=dt)
-        self.to_out = [keras.layers.Dense(dim, name="to_out.0", dtype=dt)]
+        self.to_q = dense(dim, use_bias=bias, name="to_q", dtype=dt)
+        self.to_k = dense(dim, use_bias=bias, name="to_k", dtype=dt)
+        self.to_v = dense(dim, use_bias=bias, name="to_v", dtype=dt)
+        self.to_out = [dense(dim, name="to_out.0", dtype=dt)]
 
     def call(self, x, context=None):
         context = x if context is None else context
@@ -141,7 +151,7 @@ class GEGLU(Block):
 
     def __init__(self, inner, **kwargs):
         super().__init__(**kwargs)
-        self.proj = keras.layers.Dense(inner * 2, name="proj", dtype=self.dtype_policy)
+        self.proj = dense(inner * 2, name="proj", dtype=self.dtype_policy)
 
     def call(self, x):
         h, gate = ops.split(self.proj(x), 2, axis=-1)
@@ -155,7 +165,7 @@ class FeedForward(Block):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.net = [GEGLU(dim * 4, name="net.0", dtype=dt), keras.layers.Identity(name="net.1"),
-                    keras.layers.Dense(dim, name="net.2", dtype=dt)]
+                    dense(dim, name="net.2", dtype=dt)]
 
     def call(self, x):
         return self.net[2](self.net[0](x))
@@ -191,12 +201,12 @@ class Transformer2DModel(Block):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.norm = group_norm(groups, 1e-6, "norm", dt)
-        self.proj_in = keras.layers.Dense(channels, name="proj_in", dtype=dt)
+        self.proj_in = dense(channels, name="proj_in", dtype=dt)
         self.transformer_blocks = [
             BasicTransformerBlock(channels, heads, upcast, name=f"transformer_blocks.{i}", dtype=dt)
             for i in range(depth)
         ]
-        self.proj_out = keras.layers.Dense(channels, name="proj_out", dtype=dt)
+        self.proj_out = dense(channels, name="proj_out", dtype=dt)
 
     def call(self, x, context):
         b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]

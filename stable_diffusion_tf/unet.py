@@ -6,8 +6,8 @@ import keras
 from keras import ops
 
 from .config import UNetConfig
-from .layers import (Block, Downsample2D, LazyBuild, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm,
-                     timestep_embedding)
+from .layers import (Block, Downsample2D, LazyBuild, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, dense,
+                     group_norm, timestep_embedding)
 
 
 class TimestepEmbedding(Block):
@@ -15,8 +15,8 @@ class TimestepEmbedding(Block):
 
     def __init__(self, dim, **kwargs):
         super().__init__(**kwargs)
-        self.linear_1 = keras.layers.Dense(dim, name="linear_1", dtype=self.dtype_policy)
-        self.linear_2 = keras.layers.Dense(dim, name="linear_2", dtype=self.dtype_policy)
+        self.linear_1 = dense(dim, name="linear_1", dtype=self.dtype_policy)
+        self.linear_2 = dense(dim, name="linear_2", dtype=self.dtype_policy)
 
     def call(self, x):
         return self.linear_2(ops.silu(self.linear_1(x)))
