@@ -13,10 +13,10 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import sys
 
 from .errors import StableDiffusionError
+from .hub import looks_like_repo_id  # os and re only
 from .images import load_image, load_image_and_mask  # numpy and PIL only, as the next two
 from .output import check_output_path, numbered_paths, save_png
 from .samplers import SAMPLERS  # numpy only: TensorFlow is imported after the flags are checked
@@ -27,7 +27,6 @@ DESCRIPTIONS = {"text2image": "Generate images from a text prompt with Stable Di
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 64
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -200,8 +199,8 @@ def _weights_problem(source: str | None) -> str | None:
                 return None
         except OSError as e:
             return f"cannot read {source!r}: {e.strerror or e}"
-    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", source) and not source.lower().endswith(CHECKPOINT_SUFFIXES):
-        return None  # a Hub repo id ("owner/name"), resolved by the library
+    if looks_like_repo_id(source):
+        return None  # resolved (downloaded) by the library
     return f"{source!r}: no such file or directory (expected a checkpoint file, a diffusers folder or owner/name)"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import CheckpointError
 
@@ -11,11 +12,13 @@ DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
 # What a diffusers-layout repo needs; the tokenizer ships with this package.
 FOLDER_PATTERNS = ["*/config.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.safetensors",
                    "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-def _looks_like_repo_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+def looks_like_repo_id(source: str) -> bool:
+    """Whether a path that does not exist can be a Hub repo id ("owner/name", not a checkpoint file name)."""
+    return re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", source) is not None and \
+        not source.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def resolve(source: str | os.PathLike | None) -> str:
@@ -24,7 +27,7 @@ def resolve(source: str | os.PathLike | None) -> str:
         path = os.path.expanduser(os.fspath(source))
         if os.path.exists(path):
             return path
-        if not _looks_like_repo_id(path):
+        if not looks_like_repo_id(path):
             raise CheckpointError(f"{path}: no such file or directory")
     try:
         import huggingface_hub

@@ -170,7 +170,7 @@ def _unipc_step(x: np.ndarray, x0s: list, s: Schedule, a: int, order: int, x0_ne
 
 def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between) -> Steps:
     """UniPC with diffusers' defaults: bh2, predict_x0, solver_order 2, lower_order_final."""
-    n, x0s, order = len(s.timesteps), [], 0
+    n, x0s, order, x_last = len(s.timesteps), [], 0, x
     for i in range(start, n):
         x0 = _at(denoise, x, s, i)
         if x0s:  # UniC: correct the last predictor step with the model output just taken at its result

@@ -161,6 +161,19 @@ def reference_tokenizer(folder: str):
     return tokenizer
 
 
+def assert_unet_matches(pipe, unet, context_width: int, tol: float):
+    """Our UNet against the reference on non-square latents and two timesteps; returns (latents, context, ref)."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 16, 24, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, context_width)).astype(np.float32)
+    timesteps = np.array([981, 1], dtype=np.int64)
+    with torch.no_grad():
+        ref = to_nhwc(unet(to_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample)
+    assert np.abs(ref).mean() > 0.1  # not a degenerate output
+    np.testing.assert_allclose(pipe.predict_noise(latents, timesteps, context), ref, atol=tol, rtol=0)
+    return latents, context, ref
+
+
 def to_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 

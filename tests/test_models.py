@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import CLIP_KW, to_nchw, to_nhwc
+from reference import CLIP_KW, assert_unet_matches, to_nchw, to_nhwc
 from stable_diffusion_tf import StableDiffusion
 
 LAYOUTS = ["safetensors", "ckpt", "diffusers"]
@@ -30,18 +30,9 @@ def test_text_encoder_matches_transformers(pipe, reference):
 
 
 def test_unet_matches_diffusers(pipe, reference):
-    unet = reference[1]
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((2, 16, 24, 4)).astype(np.float32)
-    context = rng.standard_normal((2, 77, CLIP_KW["hidden_size"])).astype(np.float32)
-    timesteps = np.array([981, 1], dtype=np.int64)
-    with torch.no_grad():
-        ref = unet(to_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
-    ours = pipe.predict_noise(latents, timesteps, context)
-    assert np.abs(to_nhwc(ref)).mean() > 0.1  # not a degenerate output
-    np.testing.assert_allclose(ours, to_nhwc(ref), atol=TOL, rtol=0)
+    latents, context, ref = assert_unet_matches(pipe, reference[1], CLIP_KW["hidden_size"], TOL)
     single = pipe.predict_noise(latents[:1], 981, context[:1])  # an int timestep broadcasts
-    np.testing.assert_allclose(single, to_nhwc(ref)[:1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(single, ref[:1], atol=TOL, rtol=0)
 
 
 def test_vae_matches_diffusers(pipe, reference):

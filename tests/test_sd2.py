@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from reference import (CLIP2_KW, SCHEDULER2, UNET2_KW, build_reference_sd2, compvis_state_sd2, reference_tokenizer_sd2,
-                       save_all_sd2, to_nchw, to_nhwc)
+from reference import (CLIP2_KW, SCHEDULER2, UNET2_KW, assert_unet_matches, build_reference_sd2, compvis_state_sd2,
+                       reference_tokenizer_sd2, save_all_sd2, to_nchw)
 from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, UnsupportedModelError, cli
 from stable_diffusion_tf.config import SD2
 from stable_diffusion_tf.layers import attention
@@ -26,15 +26,6 @@ TOL = 1e-4
 # no "!": transformers' SD 2.x tokenizer turns it into its pad token 0, OpenCLIP (and this package) into 256
 PROMPTS = ["a photograph of an astronaut riding a horse", "", "(masterpiece:1.2), a cat 🐱 on a mat, 4k"]
 PROMPT, NEGATIVE = "an astronaut riding a horse, oil painting", "blurry, low quality"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny reference models are fastest on one thread; OpenMP's two crawl (100x) when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +76,7 @@ def test_text_encoder_matches_transformers(pipes, reference_sd2, tokenizer_sd2, 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_unet_matches_diffusers(pipes, reference_sd2, layout):
-    unet = reference_sd2[1]
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((2, 16, 24, 4)).astype(np.float32)
-    context = rng.standard_normal((2, 77, CLIP2_KW["hidden_size"])).astype(np.float32)
-    timesteps = np.array([981, 1], dtype=np.int64)
-    with torch.no_grad():
-        ref = unet(to_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
-    assert np.abs(to_nhwc(ref)).mean() > 0.1  # not a degenerate output
-    np.testing.assert_allclose(pipes[layout].predict_noise(latents, timesteps, context), to_nhwc(ref), atol=TOL, rtol=0)
+    assert_unet_matches(pipes[layout], reference_sd2[1], CLIP2_KW["hidden_size"], TOL)
 
 
 @pytest.fixture(scope="module")

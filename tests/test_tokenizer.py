@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import time
 import warnings
@@ -14,7 +12,7 @@ import pytest
 from reference import reference_tokenizer
 
 from stable_diffusion_tf.errors import InputError
-from stable_diffusion_tf.tokenizer import DEFAULT_VOCAB_PATH, CLIPTokenizer
+from stable_diffusion_tf.tokenizer import CLIPTokenizer
 
 N_RANDOM = 240
 ASTRONAUT_IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]  # openai/clip-vit-large-patch14
