@@ -43,9 +43,39 @@ def dense(units: int, name: str, dtype, use_bias: bool = True) -> keras.layers.D
     return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype, kernel_initializer="zeros")
 
 
-def group_norm(groups: int, eps: float, name: str, dtype) -> keras.layers.GroupNormalization:
-    """GroupNorm over the channel axis, statistics in float32."""
-    return keras.layers.GroupNormalization(groups=groups, epsilon=eps, name=name, dtype=_float32_policy(dtype))
+class GroupNorm(keras.layers.GroupNormalization):
+    """GroupNorm over the channel axis with float32 statistics, optionally followed by SiLU.
+
+    Statistics are per channel (mean, then variance about that mean: two passes, no cancellation),
+    pooled per group by the law of total variance; the normalisation is then one scale-and-shift per
+    channel. On CPU this is several times faster than Keras' reshape-and-moments layer. The output is
+    in `output_dtype` (the block's compute dtype).
+    """
+
+    def __init__(self, groups, epsilon, silu=False, output_dtype="float32", **kwargs):
+        super().__init__(groups=groups, epsilon=epsilon, **kwargs)
+        self.silu, self.output_dtype = silu, output_dtype
+
+    def call(self, x):
+        b, c, g = ops.shape(x)[0], x.shape[-1], self.groups
+        x32 = ops.cast(x, "float32")  # Keras has widened it already under mixed precision
+        channel_mean = ops.mean(x32, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
+        channel_var = ops.mean(ops.square(x32 - channel_mean), axis=(1, 2))
+        channel_mean = ops.reshape(channel_mean, (b, g, c // g))
+        mean = ops.mean(channel_mean, axis=-1, keepdims=True)  # (B, G, 1)
+        var = ops.mean(ops.reshape(channel_var, (b, g, c // g)), axis=-1, keepdims=True) + ops.mean(
+            ops.square(channel_mean - mean), axis=-1, keepdims=True)
+        per_channel = lambda t: ops.reshape(ops.broadcast_to(t, (b, g, c // g)), (b, 1, 1, c))  # noqa: E731
+        scale = per_channel(ops.rsqrt(var + self.epsilon)) * self.gamma
+        shift = self.beta - per_channel(mean) * scale
+        y = ops.cast(x32 * scale + shift, self.output_dtype)
+        return ops.silu(y) if self.silu else y
+
+
+def group_norm(groups: int, eps: float, name: str, dtype, silu: bool = False) -> GroupNorm:
+    """GroupNorm (statistics in float32, weights float32), then SiLU if `silu`; output in `dtype`'s compute dtype."""
+    return GroupNorm(groups, eps, silu=silu, output_dtype=keras.dtype_policies.get(dtype).compute_dtype,
+                     name=name, dtype=_float32_policy(dtype))
 
 
 def layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
@@ -54,9 +84,9 @@ def layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
 
 
 def _float32_policy(dtype):
-    """Keeps normalisation in float32 under mixed precision (as torch autocast does)."""
+    """Keeps normalisation in float32 in reduced precision (as torch autocast does)."""
     policy = keras.dtype_policies.get(dtype)
-    return "float32" if policy.compute_dtype != policy.variable_dtype else policy
+    return "float32" if policy.compute_dtype != "float32" else policy
 
 
 def timestep_embedding(timesteps, dim: int):
@@ -85,10 +115,11 @@ def attention(q, k, v, heads: int, bias=None, upcast: bool = False):
     q, k, v = split(q), split(k), split(v)
     if upcast:
         q, k = ops.cast(q, "float32"), ops.cast(k, "float32")
+    q = q * ops.cast(d**-0.5, q.dtype)  # scaled before q.k: one pass over q instead of one over the scores
     k_t = ops.transpose(k, (0, 1, 3, 2))
 
     def attend(q_rows, bias_rows):
-        scores = ops.cast(ops.matmul(q_rows, k_t), "float32") * (d**-0.5)
+        scores = ops.cast(ops.matmul(q_rows, k_t), "float32")
         if bias_rows is not None:
             scores = scores + ops.cast(bias_rows, "float32")
         return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
@@ -110,18 +141,18 @@ class ResnetBlock2D(Block):
     def __init__(self, in_channels, out_channels, groups, eps, temb=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
-        self.norm1 = group_norm(groups, eps, "norm1", dt)
+        self.norm1 = group_norm(groups, eps, "norm1", dt, silu=True)
         self.conv1 = conv(out_channels, 3, "conv1", dt)
         self.time_emb_proj = dense(out_channels, name="time_emb_proj", dtype=dt) if temb else None
-        self.norm2 = group_norm(groups, eps, "norm2", dt)
+        self.norm2 = group_norm(groups, eps, "norm2", dt, silu=True)
         self.conv2 = conv(out_channels, 3, "conv2", dt)
         self.conv_shortcut = conv(out_channels, 1, "conv_shortcut", dt) if in_channels != out_channels else None
 
     def call(self, x, temb=None):
-        h = self.conv1(ops.silu(ops.cast(self.norm1(x), self.compute_dtype)))
+        h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(ops.silu(temb))[:, None, None, :]
-        h = self.conv2(ops.silu(ops.cast(self.norm2(h), self.compute_dtype)))
+        h = self.conv2(self.norm2(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -155,7 +186,8 @@ class GEGLU(Block):
 
     def call(self, x):
         h, gate = ops.split(self.proj(x), 2, axis=-1)
-        return h * ops.gelu(gate, approximate=False)
+        g = ops.cast(gate, "float32")  # written out: about twice as fast on CPU as ops.gelu, the same function
+        return h * ops.cast(0.5 * g * (1.0 + ops.erf(g * math.sqrt(0.5))), h.dtype)
 
 
 class FeedForward(Block):
@@ -210,7 +242,7 @@ class Transformer2DModel(Block):
 
     def call(self, x, context):
         b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
-        t = self.proj_in(ops.reshape(ops.cast(self.norm(x), self.compute_dtype), (b, h * w, c)))
+        t = self.proj_in(ops.reshape(self.norm(x), (b, h * w, c)))
         for block in self.transformer_blocks:
             t = block(t, context)
         return x + ops.reshape(self.proj_out(t), (b, h, w, c))
@@ -238,8 +270,33 @@ class Upsample2D(Block):
     def call(self, x, size=None):
         h, w = x.shape[1], x.shape[2]
         if size is None or tuple(size) == (2 * h, 2 * w):
-            return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+            return self._upsample_conv(x)
         # torch's F.interpolate(mode="nearest", size=...) takes source index floor(i * in / out)
         rows = (ops.arange(size[0]) * h) // size[0]
         cols = (ops.arange(size[1]) * w) // size[1]
         return self.conv(ops.take(ops.take(x, rows, axis=1), cols, axis=2))
+
+    def _upsample_conv(self, x):
+        """conv3x3(nearest_2x(x)) as four 2x2 convs on x, one per output pixel parity, interleaved.
+
+        Output row 2i+p sees input rows (i-1, i, i) when p = 0 and (i, i, i+1) when p = 1, so the 3x3
+        kernel folds into 2x2 kernels (taps summed in float32): 16 multiply-adds per output instead of 36.
+        """
+        if not self.conv.built:
+            self.conv.build((None, 2 * x.shape[1], 2 * x.shape[2], x.shape[3]))
+        b, h, w = ops.shape(x)[0], x.shape[1], x.shape[2]
+        kernel = ops.cast(self.conv.kernel, "float32")
+        x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        rows = []
+        for p in (0, 1):
+            k_rows = _fold_taps(kernel, 0, p)
+            cols = [ops.conv(x[:, p:p + h + 1, q:q + w + 1], ops.cast(_fold_taps(k_rows, 1, q), x.dtype))
+                    for q in (0, 1)]
+            rows.append(ops.reshape(ops.stack(cols, axis=3), (b, h, 2 * w, -1)))
+        return ops.reshape(ops.stack(rows, axis=2), (b, 2 * h, 2 * w, -1)) + ops.cast(self.conv.bias, x.dtype)
+
+
+def _fold_taps(kernel, axis: int, parity: int):
+    """The 3 taps of `kernel` along `axis` folded to the 2 that a nearest-2x-upsampled input reduces them to."""
+    t0, t1, t2 = (ops.take(kernel, i, axis=axis) for i in range(3))
+    return ops.stack([t0, t1 + t2] if parity == 0 else [t0 + t1, t2], axis=axis)

@@ -22,10 +22,13 @@ from .samplers import SAMPLERS, add_noise, initial_latent, inpaint_blend, sample
 from .schedules import SchedulerConfig, make_schedule
 from .tokenizer import CLIPTokenizer
 from .vae import tiled_decode
-from .weights.load import Models, build_vae, load
+from .weights.load import Models, build_vae, load, load_vae
 
 PRECISIONS = {"float32": "float32", "mixed_bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16",
               "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# Keras dtype policy of the networks: in reduced precision the weights themselves are held in 16 bits (half the
+# memory, no cast per call); norms, softmax and the sampler math stay float32 (layers.py).
+WEIGHT_POLICIES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
                   "lms": "LMS", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}
 TILED_ABOVE = 96  # latent side above which the VAE decodes in tiles
@@ -68,7 +71,7 @@ class StableDiffusion:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.source = source
         self._model_hash: str | None = None
-        self._unet_fn = None
+        self._compiled: dict[str, object] = {}
         self._vae32 = None
 
     @classmethod
@@ -86,7 +89,7 @@ class StableDiffusion:
         if prediction_type not in (None, *PREDICTION_TYPES):
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
         path = resolve(source)
-        models = load(path, config=config, dtype=PRECISIONS[precision])
+        models = load(path, config=config, dtype=WEIGHT_POLICIES[PRECISIONS[precision]])
         scheduler = SchedulerConfig(prediction_type="v_prediction" if models.config.family == "sd2" else "epsilon")
         scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(scheduler_file):
@@ -120,37 +123,58 @@ class StableDiffusion:
         """
         latents = np.asarray(latents, dtype=np.float32) / self.config.vae.scaling_factor
         tiled = max(latents.shape[1:3]) > TILED_ABOVE if tiled is None else tiled
-        images = self._decode(self.vae, latents, tiled)
+        images = self._decode("decode", self.vae, latents, tiled)
         if self.precision != "float32" and not np.isfinite(images).all():
-            images = self._decode(self._float32_vae(), latents, tiled)
+            images = self._decode("decode_float32", self._float32_vae(), latents, tiled)
         return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
-    @staticmethod
-    def _decode(vae, latents: np.ndarray, tiled: bool) -> np.ndarray:
-        decode = lambda z: ops.convert_to_numpy(ops.cast(vae.decode(z), "float32"))  # noqa: E731
+    def _decode(self, key: str, vae, latents: np.ndarray, tiled: bool) -> np.ndarray:
+        fn = self._compile(key, lambda z: ops.cast(vae.decode(z), "float32"), jit_compile=False)
+        decode = lambda z: fn(z).numpy()  # noqa: E731
         return tiled_decode(decode, latents) if tiled else decode(latents)
 
+    def _compile(self, key: str, fn, jit_compile: bool):
+        """`fn` as one tf.function, traced once per input shape (static shapes), kept under `key`.
+
+        XLA (`jit_compile`) is offered for the UNet only: on CPU it runs the VAE's large convolutions
+        slower than TensorFlow's oneDNN kernels (benchmarks/benchmark.py measures both).
+        """
+        if key not in self._compiled:
+            import tensorflow as tf
+
+            self._compiled[key] = tf.function(fn, jit_compile=jit_compile)
+        return self._compiled[key]
+
     def _float32_vae(self):
-        """A float32 copy of the VAE (built on first use) for decodes that overflow in reduced precision."""
+        """A float32 VAE (built on first use) for decodes that overflow in reduced precision.
+
+        Its weights are read again from the checkpoint, so that the retry decodes as the float32 model
+        does; a pipeline built without a file copies (widens) the 16-bit weights instead.
+        """
         if self._vae32 is None:
-            self._vae32 = build_vae(self.config.vae, "float32")
-            self._vae32.set_weights(self.vae.get_weights())  # same class and config: same variable order
+            if self.source is not None:
+                self._vae32 = load_vae(self.source, self.config.vae, "float32")
+            else:
+                self._vae32 = build_vae(self.config.vae, "float32")
+                self._vae32.set_weights(self.vae.get_weights())  # same class and config: same variable order
         return self._vae32
 
     def encode_image(self, images) -> np.ndarray:
         """Images (B, H, W, 3) in [0, 1] -> posterior mean times the scaling factor (B, H/8, W/8, 4)."""
         images = np.asarray(images, dtype=np.float32) * 2 - 1
-        mean, _ = self.vae.encode(images)
-        return ops.convert_to_numpy(mean).astype(np.float32) * self.config.vae.scaling_factor
+        mean, _ = self._encode(images)
+        return mean * np.float32(self.config.vae.scaling_factor)
+
+    def _encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, H, W, 3) in [-1, 1] -> the VAE posterior's mean and log-variance, float32."""
+        encode = self._compile("encode", lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)], False)
+        mean, logvar = encode(np.asarray(images, dtype=np.float32))
+        return mean.numpy(), logvar.numpy()
 
     def _unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
         """The UNet as one compiled call, traced once per input shape (static shapes; XLA with jit_compile)."""
-        if self._unet_fn is None:
-            import tensorflow as tf
-
-            self._unet_fn = tf.function(lambda x, t, c: ops.cast(self.unet(x, t, c), "float32"),
-                                        jit_compile=self.jit_compile)
-        return self._unet_fn(latents, timesteps, context).numpy()
+        fn = self._compile("unet", lambda x, t, c: ops.cast(self.unet(x, t, c), "float32"), self.jit_compile)
+        return fn(latents, timesteps, context).numpy()
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -289,7 +313,7 @@ class StableDiffusion:
     def _posterior_sample(self, images: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """Images (1, H, W, 3) in [-1, 1] -> (mean + std * eps) * scaling factor for eps (B, H/8, W/8, C):
         diffusers' `vae.encode(images).latent_dist.sample(generator)` with each image's noise."""
-        mean, logvar = (ops.convert_to_numpy(t).astype(np.float32) for t in self.vae.encode(images.astype(np.float32)))
+        mean, logvar = self._encode(images)
         return (mean + np.exp(0.5 * logvar) * eps) * np.float32(self.config.vae.scaling_factor)
 
     def recipe(self, prompt: str, negative_prompt: str, steps: int, sampler: str, scale: float, seed: int,

@@ -111,7 +111,7 @@ class UNet(LazyBuild, keras.Model):
             self.up_blocks.append(UNetBlock(resnets, attentions, upsample=up, name=f"up_blocks.{i}", dtype=dt))
             prev = cout
 
-        self.conv_norm_out = group_norm(groups, eps, "conv_norm_out", dt)
+        self.conv_norm_out = group_norm(groups, eps, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(config.out_channels, 3, "conv_out", dt)
 
     def call(self, latents, timesteps, context):
@@ -129,5 +129,5 @@ class UNet(LazyBuild, keras.Model):
             size = tuple(skips[-n - 1].shape[1:3]) if len(skips) > n else None  # diffusers' forward_upsample_size
             x, _ = block(x, temb, context, skips=skips[-n:], upsample_size=size)
             del skips[-n:]
-        x = ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype))
+        x = self.conv_norm_out(x)
         return self.conv_out(x)

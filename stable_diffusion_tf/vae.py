@@ -21,7 +21,7 @@ class VAEAttention(Attention):
 
     def call(self, x):
         b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
-        t = ops.reshape(ops.cast(self.group_norm(x), self.compute_dtype), (b, h * w, c))
+        t = ops.reshape(self.group_norm(x), (b, h * w, c))
         return x + ops.reshape(super().call(t), (b, h, w, c))
 
 
@@ -73,7 +73,7 @@ class Encoder(Block):
             down = Downsample2D(cout, asymmetric=True, name="downsamplers.0", dtype=dt) if i < len(ch) - 1 else None
             self.down_blocks.append(VAEBlock(resnets, downsample=down, name=f"down_blocks.{i}", dtype=dt))
         self.mid_block = _mid_block(ch[-1], g, dt)
-        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt)
+        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(2 * config.latent_channels, 3, "conv_out", dt)
 
     def call(self, x):
@@ -81,7 +81,7 @@ class Encoder(Block):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class Decoder(Block):
@@ -101,14 +101,14 @@ class Decoder(Block):
             up = Upsample2D(cout, name="upsamplers.0", dtype=dt) if level > 0 else None
             self.up_blocks.append(VAEBlock(resnets, upsample=up, name=f"up_blocks.{i}", dtype=dt))
             prev = cout
-        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt)
+        self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(config.out_channels, 3, "conv_out", dt)
 
     def call(self, x):
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(ops.silu(ops.cast(self.conv_norm_out(x), self.compute_dtype)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class AutoencoderKL(LazyBuild, keras.Model):

@@ -29,7 +29,7 @@ IGNORED = re.compile(
     r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_alphas_cumprod$|posterior_|"
     r"logvar$|lvlb_weights$|.*position_ids$|.*\.num_batches_tracked$)"
 )
-TINY_LATENT = 8  # spatial size of the dummy call that creates the variables
+TINY_LATENT = 16  # spatial size of the dummy call that creates the variables (2x2 at the UNet's lowest level)
 
 
 @dataclass
@@ -59,6 +59,20 @@ def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
     vae_factor = 2 ** len(config.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
     vae.decode(np.zeros((1, 2, 2, config.latent_channels), "float32"))
     vae.encode(np.zeros((1, vae_factor, vae_factor, config.in_channels), "float32"))
+    return vae
+
+
+def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
+    """The VAE alone, read again from a checkpoint `load` has read (e.g. in float32 beside 16-bit weights)."""
+    source = os.fspath(source)
+    vae = build_vae(config, dtype)
+    if os.path.isdir(source):
+        path = _component_file(source, "vae")
+        with open_checkpoint(path) as file:
+            assign(vae, _getter(file, names.vae_diffusers, set()), path)
+    else:
+        with open_checkpoint(source) as file:
+            assign(vae, _getter(file, lambda n: [names.vae_compvis(n, config)], set()), source)
     return vae
 
 
