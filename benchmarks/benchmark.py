@@ -11,6 +11,7 @@ and the ratio ours / diffusers (below 1 means we are faster or smaller).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -60,6 +61,19 @@ def build_checkpoint(directory: str, quick: bool) -> dict:
     return paths
 
 
+def checkpoint_in(directory: str, quick: bool) -> dict:
+    """The checkpoint files in `directory`, built there unless an earlier run with --workdir left them."""
+    index = os.path.join(directory, "quick.json" if quick else "full.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return json.load(f)
+    os.makedirs(os.path.join(directory, "quick" if quick else "full"), exist_ok=True)
+    paths = build_checkpoint(os.path.join(directory, "quick" if quick else "full"), quick)
+    with open(index, "w") as f:
+        json.dump(paths, f)
+    return paths
+
+
 def load_ours(paths: dict, precision: str):
     from stable_diffusion_tf import StableDiffusion
 
@@ -100,9 +114,16 @@ def speed(paths: dict, precision: str, size: int, steps: int, repeats: int) -> l
     t_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(dtype)
     t_context = torch.from_numpy(context).to(dtype)
     theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
+    from stable_diffusion_tf import StableDiffusion
+    from stable_diffusion_tf.weights.load import Models
+
+    xla = StableDiffusion(Models(ours.config, ours.text_encoder, ours.unet, ours.vae), precision=ours.precision,
+                          jit_compile=True)  # the same networks, the UNet compiled by XLA
     jobs = {  # name: (ours, diffusers, warm-up first)
         "UNet step, batch 2": (lambda: ours.predict_noise(latents, 500, context),
                                lambda: theirs.unet(t_latents, 500, t_context), True),
+        "UNet step, batch 2, XLA (jit_compile=True)": (lambda: xla.predict_noise(latents, 500, context),
+                                                       lambda: theirs.unet(t_latents, 500, t_context), True),
         "VAE decode, 1 image": (lambda: ours.decode_latents(latents[:1]),
                                 lambda: theirs.vae.decode(t_latents[:1] / 0.18215), True),
         f"whole image, {steps} steps dpm++2m": (
@@ -167,6 +188,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["speed", "memory"], help="run one half: the timings, or load + peak RSS")
+    parser.add_argument("--workdir", help="keep the random checkpoints in this folder and reuse them on later runs")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None)
@@ -185,8 +207,9 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     print(f"machine: {os.cpu_count()} cores; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"torch {torch.__version__}; image {args.size}x{args.size}")
-    with tempfile.TemporaryDirectory() as directory:
-        paths = build_checkpoint(directory, args.quick)
+    with contextlib.ExitStack() as stack:
+        directory = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        paths = checkpoint_in(directory, args.quick)
         size_gb = os.path.getsize(paths["safetensors"]) / 2**30
         print(f"checkpoint: {size_gb:.2f} GB single file")
         print(f"{'measurement':55s} {'ours':>9s} {'diffusers':>10s} {'ratio':>7s}")

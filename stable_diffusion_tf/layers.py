@@ -97,7 +97,7 @@ def timestep_embedding(timesteps, dim: int):
     return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
 
 
-MAX_SCORES = 2**26  # attention scores per image held at once (256 MB in float32); larger attention is chunked
+MAX_SCORES = 2**24  # attention scores per image held at once (64 MB in float32); larger attention is chunked
 
 
 def attention(q, k, v, heads: int, bias=None, upcast: bool = False):

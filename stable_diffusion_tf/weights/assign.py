@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ..errors import CheckpointError
 
@@ -40,25 +41,12 @@ def leaf_layers(layer, prefix: str = "") -> dict[str, keras.layers.Layer]:
     return out
 
 
-def _variables(layer) -> dict[str, keras.Variable]:
-    """The torch parameter names of one leaf layer mapped to its Keras variables."""
-    if isinstance(layer, keras.layers.Embedding):
-        return {"weight": layer.embeddings}
-    if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-        names = {"weight": layer.kernel}
-        if layer.use_bias:
-            names["bias"] = layer.bias
-        return names
-    return {"weight": layer.gamma, "bias": layer.beta}
+INITIALIZERS = {"weight": ("kernel_initializer", "gamma_initializer", "embeddings_initializer"),
+                "bias": ("bias_initializer", "beta_initializer")}
 
 
-def parameter_names(model) -> list[str]:
-    """The diffusers names of every parameter of a built model."""
-    return [f"{name}.{p}" for name, leaf in leaf_layers(model).items() for p in _variables(leaf)]
-
-
-def _torch_shape(layer, param: str, shape) -> tuple:
-    shape = tuple(shape)
+def _torch_shape(layer, param: str, keras_shape) -> tuple:
+    shape = tuple(keras_shape)
     if param == "weight" and isinstance(layer, keras.layers.Dense):
         return shape[::-1]
     if param == "weight" and isinstance(layer, keras.layers.Conv2D):
@@ -66,28 +54,66 @@ def _torch_shape(layer, param: str, shape) -> tuple:
     return shape
 
 
-def _to_keras(layer, param: str, value: np.ndarray) -> np.ndarray:
+def _to_keras(layer, param: str, value: np.ndarray, dtype):
+    """A checkpoint tensor as a new tensor in the layout and dtype of the Keras variable.
+
+    Transposes and casts run in TensorFlow (multi-threaded) straight from the read buffer, which they
+    see without a copy when it is aligned and contiguous (DLPack); anything else is copied in.
+    """
+    perm = None
     if param == "weight" and isinstance(layer, keras.layers.Dense):
-        if value.ndim == 4 and value.shape[2:] == (1, 1):  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v)
+        if value.ndim == 4:  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v)
             value = value[:, :, 0, 0]
-        value = value.T if value.ndim == 2 else value
-    elif param == "weight" and isinstance(layer, keras.layers.Conv2D) and value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    return value
+        perm = (1, 0)
+    elif param == "weight" and isinstance(layer, keras.layers.Conv2D):
+        perm = (2, 3, 1, 0)
+    moves = perm is not None and _moves_data(value.shape, perm)
+    if moves and value.flags.c_contiguous and value.ctypes.data % 64 == 0:
+        tensor = tf.transpose(tf.experimental.dlpack.from_dlpack(value.__dlpack__()), perm)  # a new buffer
+    else:  # convert_to_tensor copies, so the result never shares the read buffer
+        tensor = tf.convert_to_tensor(value)
+        tensor = tf.transpose(tensor, perm) if perm is not None else tensor
+    return tf.cast(tensor, dtype)
 
 
-def assign(model, get: Callable[[str], tuple[str, np.ndarray]], where: str) -> None:
-    """Assign every variable of a built `model`; `get(name)` returns (file key, tensor) or raises KeyError."""
-    for name, leaf in leaf_layers(model).items():
-        for param, variable in _variables(leaf).items():
-            full = f"{name}.{param}"
-            try:
-                key, value = get(full)
-            except KeyError as missing:
-                raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
-            raw_shape = tuple(value.shape)
-            value = _to_keras(leaf, param, value)
-            if tuple(value.shape) != tuple(variable.shape):
-                raise CheckpointError(f"{where}: tensor {key} has shape {raw_shape}, "
-                                      f"expected {_torch_shape(leaf, param, variable.shape)}")
-            variable.assign(np.asarray(value, dtype=variable.dtype))
+def _moves_data(shape, perm) -> bool:
+    """Whether a transpose moves elements; TensorFlow turns one that only moves size-1 axes into a view."""
+    kept = [axis for axis in perm if shape[axis] > 1]
+    return kept != sorted(kept)
+
+
+def fill_on_build(model, get: Callable[[str], tuple[str, np.ndarray]], where: str) -> Callable[[], None]:
+    """Makes every variable of an unbuilt `model` start at its checkpoint tensor when the model builds.
+
+    `get(name)` returns (file key, tensor) or raises KeyError. Creating each variable from its tensor
+    (no zero fill, no second copy through `assign`) is what makes loading fast. Returns a check to run
+    after building: every weight-holding layer must have been built (and so filled).
+    """
+    leaves = leaf_layers(model)
+    for name, leaf in leaves.items():
+        params = ("weight", "bias") if getattr(leaf, "use_bias", True) else ("weight",)
+        for param in params:
+            for attr in INITIALIZERS[param]:
+                if hasattr(leaf, attr):
+                    setattr(leaf, attr, _initializer(leaf, param, f"{name}.{param}", get, where))
+
+    def check() -> None:
+        unbuilt = [name for name, leaf in leaves.items() if not leaf.built]
+        if unbuilt:
+            raise RuntimeError(f"layers left unbuilt after the build call: {unbuilt[:3]}")
+    return check
+
+
+def _initializer(leaf, param: str, full: str, get, where: str):
+    def initialize(shape, dtype=None):
+        try:
+            key, value = get(full)
+        except KeyError as missing:
+            raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
+        squeezed = value.shape[:2] if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and \
+            tuple(value.shape[2:]) == (1, 1) else value.shape
+        if tuple(squeezed) != _torch_shape(leaf, param, shape):
+            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(value.shape)}, "
+                                  f"expected {_torch_shape(leaf, param, shape)}")
+        return _to_keras(leaf, param, value, dtype)
+    return initialize

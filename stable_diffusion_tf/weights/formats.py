@@ -130,6 +130,7 @@ class TensorFile:
         self._archive = archive
         self._lock = threading.Lock()
         self._closed = False
+        self._scratch = np.empty(0, np.uint8)
 
     def __enter__(self) -> TensorFile:
         return self
@@ -144,6 +145,13 @@ class TensorFile:
             if self._archive is not None:
                 self._archive.close()
             self._fh.close()
+
+    def _scratch_buffer(self, nbytes: int) -> np.ndarray:
+        """The first `nbytes` of the reused buffer, grown as needed, starting on a 64-byte boundary."""
+        if self._scratch.size < nbytes + 64:
+            self._scratch = np.empty(nbytes + 64, np.uint8)
+        start = -self._scratch.ctypes.data % 64
+        return self._scratch[start:start + nbytes]
 
     def keys(self) -> list[str]:
         """Tensor names in file order (non-tensor entries such as global_step are left out)."""
@@ -167,12 +175,17 @@ class TensorFile:
         """Stored dtype name: 'float32', 'float16', 'bfloat16', 'int64', ..."""
         return self._entry(key).storage.dtype
 
-    def get(self, key: str) -> np.ndarray:
-        """Read one tensor into a new array (bfloat16 widened to float32, see the module docstring)."""
+    def get(self, key: str, scratch: bool = False) -> np.ndarray:
+        """Read one tensor into a new array (bfloat16 widened to float32, see the module docstring).
+
+        With `scratch` the array may live in a buffer this file reuses (64-byte aligned): it is valid
+        until the next `get(..., scratch=True)`. The loader copies each tensor out at once, so reading
+        4 GB does not fault in 4 GB of fresh pages.
+        """
         tensor = self._entry(key)
         storage = tensor.storage
         item = np.dtype(_NUMPY[storage.dtype])
-        flat = self._read(storage).view(item)
+        flat = self._read(storage, scratch).view(item)
         numel = math.prod(tensor.shape)
         if tensor.strides == _contiguous(tensor.shape) and numel == storage.numel:
             array = flat.reshape(tensor.shape)
@@ -185,10 +198,10 @@ class TensorFile:
             return array.view(ml_dtypes.bfloat16).astype(np.float32)
         return array.astype(bool) if storage.dtype == "bool" else array
 
-    def _read(self, storage: _Storage) -> np.ndarray:
-        """All bytes of one storage as a fresh uint8 array (CRC-checked for zip members)."""
+    def _read(self, storage: _Storage, scratch: bool = False) -> np.ndarray:
+        """All bytes of one storage as a uint8 array, fresh or in the scratch buffer (CRC-checked for zip members)."""
         nbytes = storage.numel * np.dtype(_NUMPY[storage.dtype]).itemsize
-        buf = np.empty(nbytes, np.uint8)
+        buf = self._scratch_buffer(nbytes) if scratch else np.empty(nbytes, np.uint8)
         view, got = memoryview(buf), 0
         with self._lock:
             if self._closed:

@@ -7,6 +7,7 @@ ignored; the model family is read from key names and shapes before any variable 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from . import names
-from .assign import assign
+from .assign import fill_on_build
 from .formats import TensorFile, open_checkpoint
 
 # Tensors of SD training checkpoints that inference does not use.
@@ -42,42 +43,54 @@ class Models:
     vae: AutoencoderKL
 
 
-def build_models(config: ModelConfig, dtype="float32") -> Models:
-    """Creates the three networks with their variables (values are overwritten by the loader)."""
-    text_encoder = CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype)
-    unet = UNet(config.unet, name="unet", dtype=dtype)
-    length = config.text_encoder.max_position_embeddings
-    context = text_encoder(np.zeros((1, length), "int32"))
+def make_models(config: ModelConfig, dtype="float32") -> Models:
+    """The three networks, not built yet (no variables): `build` creates the variables."""
+    return Models(config, CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype),
+                  UNet(config.unet, name="unet", dtype=dtype), AutoencoderKL(config.vae, name="vae", dtype=dtype))
+
+
+def build(models: Models) -> Models:
+    """Creates every variable with one small call of each network."""
+    config = models.config
+    context = models.text_encoder(np.zeros((1, config.text_encoder.max_position_embeddings), "int32"))
     size = max(TINY_LATENT, 2 ** (len(config.unet.block_out_channels) - 1))
-    unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
-    return Models(config, text_encoder, unet, build_vae(config.vae, dtype))
+    models.unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
+    _build_vae(models.vae)
+    return models
 
 
-def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
-    """Creates the VAE with its variables."""
-    vae = AutoencoderKL(config, name="vae", dtype=dtype)
+def _build_vae(vae: AutoencoderKL) -> AutoencoderKL:
+    config = vae.config
     vae_factor = 2 ** len(config.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
     vae.decode(np.zeros((1, 2, 2, config.latent_channels), "float32"))
     vae.encode(np.zeros((1, vae_factor, vae_factor, config.in_channels), "float32"))
     return vae
 
 
+def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
+    """The VAE with zero variables."""
+    return _build_vae(AutoencoderKL(config, name="vae", dtype=dtype))
+
+
 def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     """The VAE alone, read again from a checkpoint `load` has read (e.g. in float32 beside 16-bit weights)."""
     source = os.fspath(source)
-    vae = build_vae(config, dtype)
-    if os.path.isdir(source):
-        path = _component_file(source, "vae")
-        with open_checkpoint(path) as file:
-            assign(vae, _getter(file, names.vae_diffusers, set()), path)
-    else:
-        with open_checkpoint(source) as file:
-            assign(vae, _getter(file, lambda n: [names.vae_compvis(n, config)], set()), source)
+    vae = AutoencoderKL(config, name="vae", dtype=dtype)
+    path = _component_file(source, "vae") if os.path.isdir(source) else source
+    candidates = names.vae_diffusers if os.path.isdir(source) else (lambda n: [names.vae_compvis(n, config)])
+    with open_checkpoint(path) as file:
+        check = fill_on_build(vae, _getter(file, candidates, set()), path)
+        _build_vae(vae)
+    check()
     return vae
 
 
 def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Models:
-    """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder."""
+    """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
+
+    The networks are made unbuilt, told where each variable's tensor is (`fill_on_build`), and built:
+    every variable is created once, from its tensor.
+    """
     source = os.fspath(source)
     if os.path.isdir(source):
         return _load_diffusers_folder(source, config, dtype)
@@ -86,16 +99,21 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
         if family not in LOADABLE:
             raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; {_loads()}")
         config = config or infer_config(file, family)
-        models = build_models(config, dtype)
+        models = make_models(config, dtype)
         used: set[str] = set()
-        assign(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source)
-        assign(models.vae, _getter(file, lambda n: [names.vae_compvis(n, config.vae)], used), source)
+        checks = [fill_on_build(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used),
+                                source),
+                  fill_on_build(models.vae, _getter(file, lambda n: [names.vae_compvis(n, config.vae)], used), source)]
         if _has_open_clip(file):
-            assign(models.text_encoder, _open_clip_getter(file, used), source)
+            checks.append(fill_on_build(models.text_encoder, _open_clip_getter(file, used), source))
             layers = config.text_encoder.num_hidden_layers
             used |= {k for k in file.keys() if names.open_clip_unused(k, layers)}  # left out on purpose
         else:
-            assign(models.text_encoder, _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used), source)
+            clip = _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used)
+            checks.append(fill_on_build(models.text_encoder, clip, source))
+        build(models)
+        for check in checks:
+            check()
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
     return models
 
@@ -106,7 +124,7 @@ def _getter(file: TensorFile, candidates, used: set[str]):
         for key in candidates(name):
             if key in file:
                 used.add(key)
-                return key, file.get(key)
+                return key, file.get(key, scratch=True)
         raise KeyError(candidates(name)[0])
     return get
 
@@ -122,7 +140,7 @@ def _open_clip_getter(file: TensorFile, used: set[str]):
         if key not in file:
             raise KeyError(key)
         used.add(key)
-        value = file.get(key)
+        value = file.get(key, scratch=True)
         if third is None:
             return key, value
         n = value.shape[0] // 3
@@ -311,14 +329,19 @@ def _component_file(folder: str, part: str) -> str:
 
 def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
     config = config or read_folder_config(folder)
-    models = build_models(config, dtype)
+    models = make_models(config, dtype)
     parts = {"unet": (models.unet, lambda n: [n]), "vae": (models.vae, names.vae_diffusers),
              "text_encoder": (models.text_encoder, names.clip_names)}
-    for part, (model, candidates) in parts.items():
-        path = _component_file(folder, part)
-        with open_checkpoint(path) as file:
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for part, (model, candidates) in parts.items():
+            path = _component_file(folder, part)
+            file = stack.enter_context(open_checkpoint(path))
             used: set[str] = set()
-            assign(model, _getter(file, candidates, used), path)
+            opened.append((path, file, used, fill_on_build(model, _getter(file, candidates, used), path)))
+        build(models)
+        for path, file, used, check in opened:
+            check()
             extra = [k for k in file.keys() if k not in used and not IGNORED.match(k)]
             if extra:
                 raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
