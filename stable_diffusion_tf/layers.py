@@ -101,7 +101,7 @@ MAX_SCORES = 2**24  # attention scores per image held at once (64 MB in float32)
 
 
 def attention(q, k, v, heads: int, bias=None, upcast: bool = False):
-    """Multi-head scaled dot-product attention on (B, N, heads*d) tensors; softmax in float32.
+    """Multi-head scaled dot-product attention on (B, N, heads*d) tensors; softmax accumulates in float32.
 
     `bias` is added to the float32 scores (e.g. a causal mask of 0 / -inf). With `upcast`, q.k is also
     computed in float32 under mixed precision (diffusers' upcast_attention, which SD 2.1 needs in float16).
@@ -119,9 +119,12 @@ def attention(q, k, v, heads: int, bias=None, upcast: bool = False):
     k_t = ops.transpose(k, (0, 1, 3, 2))
 
     def attend(q_rows, bias_rows):
-        scores = ops.cast(ops.matmul(q_rows, k_t), "float32")
-        if bias_rows is not None:
-            scores = scores + ops.cast(bias_rows, "float32")
+        scores = ops.matmul(q_rows, k_t)
+        # bfloat16 scores (rounded so by the matmul already) are not widened: TensorFlow's bfloat16 softmax
+        # accumulates in float32 and rounds once, as the cast back would, and saves two passes over the scores
+        if scores.dtype != "bfloat16" or bias_rows is not None:
+            scores = ops.cast(scores, "float32")
+            scores = scores if bias_rows is None else scores + ops.cast(bias_rows, "float32")
         return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
 
     n_q, n_k = q.shape[2], k.shape[2]

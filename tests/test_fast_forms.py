@@ -79,3 +79,16 @@ def test_bfloat16_generation_stays_near_float32(pipes):
     full, half = (p.text_to_image("a red cube", **kw).images for p in pipes)
     diff = np.abs(full - half)
     assert diff.max() < 0.15 and diff.mean() < 0.02, (diff.max(), diff.mean())  # bfloat16 keeps ~3 digits
+
+
+def test_bfloat16_attention_matches_float64_within_bfloat16_rounding():
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 300, 64)).astype(np.float32) for _ in range(3))
+    half = [ops.cast(x, "bfloat16") for x in (q, k, v)]
+    out = np.asarray(ops.cast(layers.attention(*half, heads=2), "float32"))
+    q64, k64, v64 = (np.asarray(ops.cast(x, "float32"), np.float64).reshape(2, 300, 2, 32) for x in half)
+    scores = np.einsum("bnhd,bmhd->bhnm", q64, k64) / np.sqrt(32)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhnm,bmhd->bnhd", probs / probs.sum(-1, keepdims=True), v64).reshape(2, 300, 64)
+    assert np.abs(out - expected).max() < 0.01  # inputs exact in both; bfloat16 q, scores, probabilities, output
+    np.testing.assert_allclose(out.mean(), expected.mean(), atol=1e-3)
