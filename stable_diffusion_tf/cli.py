@@ -107,7 +107,8 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     precision.add_argument("--precision", choices=PRECISIONS, default=None, help="compute precision (default: float32)")
     precision.add_argument("--mp", action="store_true",
                            help="mixed precision: mixed_float16 on a GPU, mixed_bfloat16 on CPU")
-    p.add_argument("--jit", action="store_true", help="compile with XLA (slow first step, faster after)")
+    p.add_argument("--jit", action="store_true",
+                   help="compile the UNet with XLA (slow first step; on CPU faster in float32, slower in bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no status messages")
     return p
