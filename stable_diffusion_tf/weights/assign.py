@@ -67,13 +67,14 @@ def _to_keras(layer, param: str, value: np.ndarray, dtype):
         perm = (1, 0)
     elif param == "weight" and isinstance(layer, keras.layers.Conv2D):
         perm = (2, 3, 1, 0)
+    casts = tf.as_dtype(value.dtype) != tf.as_dtype(dtype)
     moves = perm is not None and _moves_data(value.shape, perm)
-    if moves and value.flags.c_contiguous and value.ctypes.data % 64 == 0:
-        tensor = tf.transpose(tf.experimental.dlpack.from_dlpack(value.__dlpack__()), perm)  # a new buffer
+    if (casts or moves) and value.flags.c_contiguous and value.ctypes.data % 64 == 0:
+        tensor = tf.experimental.dlpack.from_dlpack(value.__dlpack__())  # shares the read buffer until...
     else:  # convert_to_tensor copies, so the result never shares the read buffer
         tensor = tf.convert_to_tensor(value)
-        tensor = tf.transpose(tensor, perm) if perm is not None else tensor
-    return tf.cast(tensor, dtype)
+    tensor = tf.cast(tensor, dtype)  # ...a cast (first: 16-bit results halve the transpose) or a transpose
+    return tf.transpose(tensor, perm) if perm is not None else tensor  # makes a new buffer
 
 
 def _moves_data(shape, perm) -> bool:
