@@ -67,8 +67,9 @@ def checkpoint_in(directory: str, quick: bool) -> dict:
     if os.path.isfile(index):
         with open(index) as f:
             return json.load(f)
-    os.makedirs(os.path.join(directory, "quick" if quick else "full"), exist_ok=True)
-    paths = build_checkpoint(os.path.join(directory, "quick" if quick else "full"), quick)
+    folder = os.path.join(directory, "quick" if quick else "full")
+    os.makedirs(folder, exist_ok=True)
+    paths = build_checkpoint(folder, quick)
     with open(index, "w") as f:
         json.dump(paths, f)
     return paths

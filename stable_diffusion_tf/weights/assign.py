@@ -62,8 +62,6 @@ def _to_keras(layer, param: str, value: np.ndarray, dtype):
     """
     perm = None
     if param == "weight" and isinstance(layer, keras.layers.Dense):
-        if value.ndim == 4:  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v)
-            value = value[:, :, 0, 0]
         perm = (1, 0)
     elif param == "weight" and isinstance(layer, keras.layers.Conv2D):
         perm = (2, 3, 1, 0)
@@ -111,10 +109,11 @@ def _initializer(leaf, param: str, full: str, get, where: str):
             key, value = get(full)
         except KeyError as missing:
             raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
-        squeezed = value.shape[:2] if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and \
-            tuple(value.shape[2:]) == (1, 1) else value.shape
-        if tuple(squeezed) != _torch_shape(leaf, param, shape):
-            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(value.shape)}, "
+        raw_shape = tuple(value.shape)
+        if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and raw_shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense
+        if tuple(value.shape) != _torch_shape(leaf, param, shape):
+            raise CheckpointError(f"{where}: tensor {key} has shape {raw_shape}, "
                                   f"expected {_torch_shape(leaf, param, shape)}")
         return _to_keras(leaf, param, value, dtype)
     return initialize

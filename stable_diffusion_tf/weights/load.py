@@ -76,10 +76,10 @@ def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     """The VAE alone, read again from a checkpoint `load` has read (e.g. in float32 beside 16-bit weights)."""
     source = os.fspath(source)
     vae = AutoencoderKL(config, name="vae", dtype=dtype)
-    path = _component_file(source, "vae") if os.path.isdir(source) else source
-    candidates = names.vae_diffusers if os.path.isdir(source) else (lambda n: [names.vae_compvis(n, config)])
+    folder = os.path.isdir(source)
+    path = _component_file(source, "vae") if folder else source
     with open_checkpoint(path) as file:
-        check = fill_on_build(vae, _getter(file, candidates, set()), path)
+        check = fill_on_build(vae, _getter(file, _vae_candidates(config, folder), set()), path)
         _build_vae(vae)
     check()
     return vae
@@ -103,7 +103,7 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
         used: set[str] = set()
         checks = [fill_on_build(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used),
                                 source),
-                  fill_on_build(models.vae, _getter(file, lambda n: [names.vae_compvis(n, config.vae)], used), source)]
+                  fill_on_build(models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)]
         if _has_open_clip(file):
             checks.append(fill_on_build(models.text_encoder, _open_clip_getter(file, used), source))
             layers = config.text_encoder.num_hidden_layers
@@ -116,6 +116,11 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
             check()
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
     return models
+
+
+def _vae_candidates(config: VAEConfig, folder: bool):
+    """`candidates(name)`: the file keys a VAE parameter may have, in a diffusers folder or a single file."""
+    return names.vae_diffusers if folder else (lambda n: [names.vae_compvis(n, config)])
 
 
 def _getter(file: TensorFile, candidates, used: set[str]):
@@ -330,7 +335,7 @@ def _component_file(folder: str, part: str) -> str:
 def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
     config = config or read_folder_config(folder)
     models = make_models(config, dtype)
-    parts = {"unet": (models.unet, lambda n: [n]), "vae": (models.vae, names.vae_diffusers),
+    parts = {"unet": (models.unet, lambda n: [n]), "vae": (models.vae, _vae_candidates(config.vae, True)),
              "text_encoder": (models.text_encoder, names.clip_names)}
     with contextlib.ExitStack() as stack:
         opened = []
