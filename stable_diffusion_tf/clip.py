@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from .config import CLIPConfig
-from .layers import Block, LazyBuild, attention, dense, layer_norm
+from .layers import Block, attention, build_leaf, dense, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -27,6 +27,10 @@ class CLIPEmbeddings(Block):
                                                          embeddings_initializer="zeros",
                                                          name="position_embedding", dtype=dt)
 
+    def build(self, input_shape=None):
+        self.token_embedding.build()
+        self.position_embedding.build()
+
     def call(self, input_ids):
         positions = ops.arange(ops.shape(input_ids)[1])
         return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
@@ -38,11 +42,15 @@ class CLIPAttention(Block):
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)
         dt, dim = self.dtype_policy, config.hidden_size
-        self.heads = config.num_attention_heads
+        self.heads, self.dim = config.num_attention_heads, dim
         self.q_proj = dense(dim, name="q_proj", dtype=dt)
         self.k_proj = dense(dim, name="k_proj", dtype=dt)
         self.v_proj = dense(dim, name="v_proj", dtype=dt)
         self.out_proj = dense(dim, name="out_proj", dtype=dt)
+
+    def build(self, input_shape=None):
+        for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            build_leaf(layer, self.dim, rank=3)
 
     def call(self, x, mask):
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, bias=mask))
@@ -53,9 +61,14 @@ class CLIPMLP(Block):
 
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)
+        self.config = config
         self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = dense(config.intermediate_size, name="fc1", dtype=self.dtype_policy)
         self.fc2 = dense(config.hidden_size, name="fc2", dtype=self.dtype_policy)
+
+    def build(self, input_shape=None):
+        build_leaf(self.fc1, self.config.hidden_size, rank=3)
+        build_leaf(self.fc2, self.config.intermediate_size, rank=3)
 
     def call(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -67,10 +80,17 @@ class CLIPEncoderLayer(Block):
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
+        self.width = config.hidden_size
         self.layer_norm1 = layer_norm(config.layer_norm_eps, "layer_norm1", dt)
         self.self_attn = CLIPAttention(config, name="self_attn", dtype=dt)
         self.layer_norm2 = layer_norm(config.layer_norm_eps, "layer_norm2", dt)
         self.mlp = CLIPMLP(config, name="mlp", dtype=dt)
+
+    def build(self, input_shape=None):
+        build_leaf(self.layer_norm1, self.width, rank=3)
+        build_leaf(self.layer_norm2, self.width, rank=3)
+        self.self_attn.build()
+        self.mlp.build()
 
     def call(self, x, mask):
         x = x + self.self_attn(ops.cast(self.layer_norm1(x), self.compute_dtype), mask)
@@ -85,8 +105,12 @@ class CLIPEncoder(Block):
         self.layers = [CLIPEncoderLayer(config, name=f"layers.{i}", dtype=self.dtype_policy)
                        for i in range(config.num_hidden_layers)]
 
+    def build(self, input_shape=None):
+        for layer in self.layers:
+            layer.build()
 
-class CLIPTextModel(LazyBuild, keras.Model):
+
+class CLIPTextModel(keras.Model):
     """Token ids (B, L) -> last hidden state after the final LayerNorm (B, L, hidden_size).
 
     With `output_hidden_states=True` also returns every layer's output as transformers does:
@@ -100,6 +124,12 @@ class CLIPTextModel(LazyBuild, keras.Model):
         self.embeddings = CLIPEmbeddings(config, name="embeddings", dtype=dt)
         self.encoder = CLIPEncoder(config, name="encoder", dtype=dt)
         self.final_layer_norm = layer_norm(config.layer_norm_eps, "final_layer_norm", dt)
+
+    def build(self, input_shape=None):
+        """Creates every variable from the config's sizes (no forward pass)."""
+        self.embeddings.build()
+        self.encoder.build()
+        build_leaf(self.final_layer_norm, self.config.hidden_size, rank=3)
 
     def call(self, input_ids, output_hidden_states=False):
         length = ops.shape(input_ids)[1]

@@ -12,19 +12,20 @@ import keras
 from keras import ops
 
 
-class LazyBuild:
-    """Marks a container built at once: its sublayers build on the first call.
+class Block(keras.layers.Layer):
+    """Base of every container layer: `build()` creates all its variables from the sizes it was made with.
 
-    Without this Keras traces every container's `call` symbolically to build it, nested containers
-    again inside their parents', which makes building the UNet take tens of seconds.
+    Containers build their sublayers explicitly (keras-hub style), so a whole network is built without
+    running it: no dummy forward pass, whatever the input shape given (the sizes come from the config).
     """
 
-    def build(self, *args, **kwargs):
-        self.built = True
+    def build(self, input_shape=None):
+        raise NotImplementedError
 
 
-class Block(LazyBuild, keras.layers.Layer):
-    """Base of every container layer."""
+def build_leaf(layer: keras.layers.Layer, channels: int, rank: int = 4) -> None:
+    """Builds a Dense/Conv2D/norm layer for inputs of `rank` dimensions with `channels` on the last axis."""
+    layer.build((None,) * (rank - 1) + (channels,))
 
 
 def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> keras.layers.Conv2D:
@@ -141,15 +142,25 @@ def attention(q, k, v, heads: int, bias=None, upcast: bool = False):
 class ResnetBlock2D(Block):
     """diffusers ResnetBlock2D: GN-SiLU-conv, optional time embedding add, GN-SiLU-conv, shortcut."""
 
-    def __init__(self, in_channels, out_channels, groups, eps, temb=False, **kwargs):
+    def __init__(self, in_channels, out_channels, groups, eps, temb_channels=None, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
+        self.in_channels, self.out_channels, self.temb_channels = in_channels, out_channels, temb_channels
         self.norm1 = group_norm(groups, eps, "norm1", dt, silu=True)
         self.conv1 = conv(out_channels, 3, "conv1", dt)
-        self.time_emb_proj = dense(out_channels, name="time_emb_proj", dtype=dt) if temb else None
+        self.time_emb_proj = dense(out_channels, name="time_emb_proj", dtype=dt) if temb_channels else None
         self.norm2 = group_norm(groups, eps, "norm2", dt, silu=True)
         self.conv2 = conv(out_channels, 3, "conv2", dt)
         self.conv_shortcut = conv(out_channels, 1, "conv_shortcut", dt) if in_channels != out_channels else None
+
+    def build(self, input_shape=None):
+        for layer in (self.norm1, self.conv1, self.conv_shortcut):
+            if layer is not None:
+                build_leaf(layer, self.in_channels)
+        if self.time_emb_proj is not None:
+            build_leaf(self.time_emb_proj, self.temb_channels, rank=2)
+        build_leaf(self.norm2, self.out_channels)
+        build_leaf(self.conv2, self.out_channels)
 
     def call(self, x, temb=None):
         h = self.conv1(self.norm1(x))
@@ -164,15 +175,21 @@ class ResnetBlock2D(Block):
 class Attention(Block):
     """diffusers Attention: to_q/to_k/to_v without bias (VAE: with bias), to_out.0 with bias."""
 
-    def __init__(self, dim, heads, bias=False, upcast=False, **kwargs):
+    def __init__(self, dim, heads, bias=False, upcast=False, context_dim=None, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
         self.heads = heads
         self.upcast = upcast
+        self.dim, self.context_dim = dim, context_dim or dim
         self.to_q = dense(dim, use_bias=bias, name="to_q", dtype=dt)
         self.to_k = dense(dim, use_bias=bias, name="to_k", dtype=dt)
         self.to_v = dense(dim, use_bias=bias, name="to_v", dtype=dt)
         self.to_out = [dense(dim, name="to_out.0", dtype=dt)]
+
+    def build(self, input_shape=None):
+        for layer, channels in ((self.to_q, self.dim), (self.to_k, self.context_dim), (self.to_v, self.context_dim),
+                                (self.to_out[0], self.dim)):
+            build_leaf(layer, channels, rank=3)
 
     def call(self, x, context=None):
         context = x if context is None else context
@@ -183,9 +200,13 @@ class Attention(Block):
 class GEGLU(Block):
     """GELU-gated linear unit (Shazeer 2020): proj -> (h, gate) -> h * gelu(gate), exact erf GELU."""
 
-    def __init__(self, inner, **kwargs):
+    def __init__(self, dim, inner, **kwargs):
         super().__init__(**kwargs)
+        self.dim = dim
         self.proj = dense(inner * 2, name="proj", dtype=self.dtype_policy)
+
+    def build(self, input_shape=None):
+        build_leaf(self.proj, self.dim, rank=3)
 
     def call(self, x):
         h, gate = ops.split(self.proj(x), 2, axis=-1)
@@ -199,8 +220,13 @@ class FeedForward(Block):
     def __init__(self, dim, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
-        self.net = [GEGLU(dim * 4, name="net.0", dtype=dt), keras.layers.Identity(name="net.1"),
+        self.inner = dim * 4
+        self.net = [GEGLU(dim, self.inner, name="net.0", dtype=dt), keras.layers.Identity(name="net.1"),
                     dense(dim, name="net.2", dtype=dt)]
+
+    def build(self, input_shape=None):
+        self.net[0].build()
+        build_leaf(self.net[2], self.inner, rank=3)
 
     def call(self, x):
         return self.net[2](self.net[0](x))
@@ -209,15 +235,22 @@ class FeedForward(Block):
 class BasicTransformerBlock(Block):
     """Self-attention, cross-attention on the text, GEGLU feed-forward; pre-LayerNorm residuals."""
 
-    def __init__(self, dim, heads, upcast=False, **kwargs):
+    def __init__(self, dim, heads, context_dim, upcast=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
+        self.dim = dim
         self.norm1 = layer_norm(1e-5, "norm1", dt)
         self.attn1 = Attention(dim, heads, upcast=upcast, name="attn1", dtype=dt)
         self.norm2 = layer_norm(1e-5, "norm2", dt)
-        self.attn2 = Attention(dim, heads, upcast=upcast, name="attn2", dtype=dt)
+        self.attn2 = Attention(dim, heads, upcast=upcast, context_dim=context_dim, name="attn2", dtype=dt)
         self.norm3 = layer_norm(1e-5, "norm3", dt)
         self.ff = FeedForward(dim, name="ff", dtype=dt)
+
+    def build(self, input_shape=None):
+        for norm in (self.norm1, self.norm2, self.norm3):
+            build_leaf(norm, self.dim, rank=3)
+        for block in (self.attn1, self.attn2, self.ff):
+            block.build()
 
     def call(self, x, context):
         cast = lambda t: ops.cast(t, self.compute_dtype)  # noqa: E731
@@ -232,16 +265,24 @@ class Transformer2DModel(Block):
     proj_in/proj_out are Dense: SD 2.x's linear projections and SD 1.x's 1x1 convs (the same map) both load.
     """
 
-    def __init__(self, channels, heads, depth, groups, upcast=False, **kwargs):
+    def __init__(self, channels, heads, depth, groups, context_dim, upcast=False, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
+        self.channels = channels
         self.norm = group_norm(groups, 1e-6, "norm", dt)
         self.proj_in = dense(channels, name="proj_in", dtype=dt)
         self.transformer_blocks = [
-            BasicTransformerBlock(channels, heads, upcast, name=f"transformer_blocks.{i}", dtype=dt)
+            BasicTransformerBlock(channels, heads, context_dim, upcast, name=f"transformer_blocks.{i}", dtype=dt)
             for i in range(depth)
         ]
         self.proj_out = dense(channels, name="proj_out", dtype=dt)
+
+    def build(self, input_shape=None):
+        build_leaf(self.norm, self.channels)
+        build_leaf(self.proj_in, self.channels, rank=3)
+        for block in self.transformer_blocks:
+            block.build()
+        build_leaf(self.proj_out, self.channels, rank=3)
 
     def call(self, x, context):
         b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
@@ -251,13 +292,32 @@ class Transformer2DModel(Block):
         return x + ops.reshape(self.proj_out(t), (b, h, w, c))
 
 
+class ResolutionBlock(Block):
+    """Resnets, optional attentions and an optional down/up sampler at one resolution (UNet and VAE blocks)."""
+
+    def __init__(self, resnets, attentions=None, downsample=None, upsample=None, **kwargs):
+        super().__init__(**kwargs)
+        self.resnets = resnets
+        self.attentions = attentions
+        self.downsamplers = [downsample] if downsample is not None else None
+        self.upsamplers = [upsample] if upsample is not None else None
+
+    def build(self, input_shape=None):
+        for layer in [*self.resnets, *(self.attentions or []), *(self.downsamplers or []), *(self.upsamplers or [])]:
+            layer.build()
+
+
 class Downsample2D(Block):
     """Stride-2 3x3 conv; pads (1,1) like the UNet's torch conv, or (0,1) like the VAE encoder."""
 
     def __init__(self, channels, asymmetric=False, **kwargs):
         super().__init__(**kwargs)
+        self.channels = channels
         self.pad = ((0, 1), (0, 1)) if asymmetric else ((1, 1), (1, 1))
         self.conv = conv(channels, 3, "conv", self.dtype_policy, strides=2)
+
+    def build(self, input_shape=None):
+        build_leaf(self.conv, self.channels)
 
     def call(self, x):
         return self.conv(ops.pad(x, ((0, 0), *self.pad, (0, 0))))
@@ -268,7 +328,11 @@ class Upsample2D(Block):
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
+        self.channels = channels
         self.conv = conv(channels, 3, "conv", self.dtype_policy)
+
+    def build(self, input_shape=None):
+        build_leaf(self.conv, self.channels)
 
     def call(self, x, size=None):
         h, w = x.shape[1], x.shape[2]
@@ -285,8 +349,6 @@ class Upsample2D(Block):
         Output row 2i+p sees input rows (i-1, i, i) when p = 0 and (i, i, i+1) when p = 1, so the 3x3
         kernel folds into 2x2 kernels (taps summed in float32): 16 multiply-adds per output instead of 36.
         """
-        if not self.conv.built:
-            self.conv.build((None, 2 * x.shape[1], 2 * x.shape[2], x.shape[3]))
         b, h, w = ops.shape(x)[0], x.shape[1], x.shape[2]
         kernel = ops.cast(self.conv.kernel, "float32")
         x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))

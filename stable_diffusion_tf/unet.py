@@ -6,23 +6,28 @@ import keras
 from keras import ops
 
 from .config import UNetConfig
-from .layers import (Block, Downsample2D, LazyBuild, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, dense,
-                     group_norm, timestep_embedding)
+from .layers import (Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Transformer2DModel, Upsample2D, build_leaf,
+                     conv, dense, group_norm, timestep_embedding)
 
 
 class TimestepEmbedding(Block):
     """linear_1 -> SiLU -> linear_2 on the sinusoidal timestep features."""
 
-    def __init__(self, dim, **kwargs):
+    def __init__(self, in_dim, dim, **kwargs):
         super().__init__(**kwargs)
+        self.in_dim, self.dim = in_dim, dim
         self.linear_1 = dense(dim, name="linear_1", dtype=self.dtype_policy)
         self.linear_2 = dense(dim, name="linear_2", dtype=self.dtype_policy)
+
+    def build(self, input_shape=None):
+        build_leaf(self.linear_1, self.in_dim, rank=2)
+        build_leaf(self.linear_2, self.dim, rank=2)
 
     def call(self, x):
         return self.linear_2(ops.silu(self.linear_1(x)))
 
 
-class UNetBlock(Block):
+class UNetBlock(ResolutionBlock):
     """One resolution level: resnets, each optionally followed by a spatial transformer, then a resampler.
 
     Used for down blocks (`downsamplers.0`), up blocks (`upsamplers.0`, skip inputs concatenated)
@@ -30,11 +35,7 @@ class UNetBlock(Block):
     """
 
     def __init__(self, resnets, attentions, downsample=None, upsample=None, mid=False, **kwargs):
-        super().__init__(**kwargs)
-        self.resnets = resnets
-        self.attentions = attentions
-        self.downsamplers = [downsample] if downsample is not None else None
-        self.upsamplers = [upsample] if upsample is not None else None
+        super().__init__(resnets, attentions, downsample, upsample, **kwargs)
         self.mid = mid
 
     def call(self, x, temb, context, skips=None, upsample_size=None):
@@ -59,7 +60,7 @@ class UNetBlock(Block):
         return x, outputs
 
 
-class UNet(LazyBuild, keras.Model):
+class UNet(keras.Model):
     """eps_theta(z_t, t, c): noise prediction from latents (B, h, w, C), timesteps (B,) and text (B, 77, D)."""
 
     def __init__(self, config: UNetConfig, **kwargs):
@@ -71,14 +72,14 @@ class UNet(LazyBuild, keras.Model):
         n = len(ch)
 
         def resnet(cin, cout, name):
-            return ResnetBlock2D(cin, cout, groups, eps, temb=True, name=name, dtype=dt)
+            return ResnetBlock2D(cin, cout, groups, eps, temb_channels=config.time_embed_dim, name=name, dtype=dt)
 
         def transformer(channels, heads, name):
             return Transformer2DModel(channels, heads, config.transformer_layers_per_block, groups,
-                                      upcast=config.upcast_attention, name=name, dtype=dt)
+                                      config.cross_attention_dim, upcast=config.upcast_attention, name=name, dtype=dt)
 
         self.conv_in = conv(ch[0], 3, "conv_in", dt)
-        self.time_embedding = TimestepEmbedding(config.time_embed_dim, name="time_embedding", dtype=dt)
+        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, name="time_embedding", dtype=dt)
 
         self.down_blocks = []
         skip_channels = [ch[0]]
@@ -113,6 +114,15 @@ class UNet(LazyBuild, keras.Model):
 
         self.conv_norm_out = group_norm(groups, eps, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(config.out_channels, 3, "conv_out", dt)
+
+    def build(self, input_shape=None):
+        """Creates every variable from the config's sizes (no forward pass)."""
+        ch = self.config.block_out_channels
+        build_leaf(self.conv_in, self.config.in_channels)
+        for block in (self.time_embedding, *self.down_blocks, self.mid_block, *self.up_blocks):
+            block.build()
+        build_leaf(self.conv_norm_out, ch[0])
+        build_leaf(self.conv_out, ch[0])
 
     def call(self, latents, timesteps, context):
         """latents (B, h, w, in_channels), timesteps (B,) float, context (B, L, cross_attention_dim)."""

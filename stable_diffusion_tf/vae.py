@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from .config import VAEConfig
-from .layers import Attention, Block, Downsample2D, LazyBuild, ResnetBlock2D, Upsample2D, conv, group_norm
+from .layers import Attention, Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Upsample2D, build_leaf, conv, group_norm
 
 EPS = 1e-6  # every norm in the VAE
 
@@ -19,21 +19,18 @@ class VAEAttention(Attention):
         super().__init__(channels, 1, bias=True, **kwargs)
         self.group_norm = group_norm(groups, EPS, "group_norm", self.dtype_policy)
 
+    def build(self, input_shape=None):
+        build_leaf(self.group_norm, self.dim)
+        super().build()
+
     def call(self, x):
         b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
         t = ops.reshape(self.group_norm(x), (b, h * w, c))
         return x + ops.reshape(super().call(t), (b, h, w, c))
 
 
-class VAEBlock(Block):
+class VAEBlock(ResolutionBlock):
     """Resnets (no time embedding) and an optional down/up sampler; with `mid`, resnet-attention-resnet."""
-
-    def __init__(self, resnets, attentions=None, downsample=None, upsample=None, **kwargs):
-        super().__init__(**kwargs)
-        self.resnets = resnets
-        self.attentions = attentions
-        self.downsamplers = [downsample] if downsample is not None else None
-        self.upsamplers = [upsample] if upsample is not None else None
 
     def call(self, x):
         for i, resnet in enumerate(self.resnets):
@@ -63,6 +60,7 @@ class Encoder(Block):
     def __init__(self, config: VAEConfig, **kwargs):
         super().__init__(**kwargs)
         dt, ch, g = self.dtype_policy, config.block_out_channels, config.norm_num_groups
+        self.config = config
         self.conv_in = conv(ch[0], 3, "conv_in", dt)
         self.down_blocks = []
         for i, cout in enumerate(ch):
@@ -75,6 +73,13 @@ class Encoder(Block):
         self.mid_block = _mid_block(ch[-1], g, dt)
         self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(2 * config.latent_channels, 3, "conv_out", dt)
+
+    def build(self, input_shape=None):
+        build_leaf(self.conv_in, self.config.in_channels)
+        for block in (*self.down_blocks, self.mid_block):
+            block.build()
+        build_leaf(self.conv_norm_out, self.config.block_out_channels[-1])
+        build_leaf(self.conv_out, self.config.block_out_channels[-1])
 
     def call(self, x):
         x = self.conv_in(x)
@@ -90,6 +95,7 @@ class Decoder(Block):
     def __init__(self, config: VAEConfig, **kwargs):
         super().__init__(**kwargs)
         dt, ch, g = self.dtype_policy, config.block_out_channels, config.norm_num_groups
+        self.config = config
         self.conv_in = conv(ch[-1], 3, "conv_in", dt)
         self.mid_block = _mid_block(ch[-1], g, dt)
         self.up_blocks = []
@@ -104,6 +110,13 @@ class Decoder(Block):
         self.conv_norm_out = group_norm(g, EPS, "conv_norm_out", dt, silu=True)
         self.conv_out = conv(config.out_channels, 3, "conv_out", dt)
 
+    def build(self, input_shape=None):
+        build_leaf(self.conv_in, self.config.latent_channels)
+        for block in (self.mid_block, *self.up_blocks):
+            block.build()
+        build_leaf(self.conv_norm_out, self.config.block_out_channels[0])
+        build_leaf(self.conv_out, self.config.block_out_channels[0])
+
     def call(self, x):
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
@@ -111,7 +124,7 @@ class Decoder(Block):
         return self.conv_out(self.conv_norm_out(x))
 
 
-class AutoencoderKL(LazyBuild, keras.Model):
+class AutoencoderKL(keras.Model):
     """Encoder/decoder pair with the 1x1 `quant_conv` / `post_quant_conv` around the latent."""
 
     def __init__(self, config: VAEConfig, **kwargs):
@@ -122,6 +135,13 @@ class AutoencoderKL(LazyBuild, keras.Model):
         self.decoder = Decoder(config, name="decoder", dtype=dt)
         self.quant_conv = conv(2 * config.latent_channels, 1, "quant_conv", dt)
         self.post_quant_conv = conv(config.latent_channels, 1, "post_quant_conv", dt)
+
+    def build(self, input_shape=None):
+        """Creates every variable from the config's sizes (no forward pass)."""
+        self.encoder.build()
+        self.decoder.build()
+        build_leaf(self.quant_conv, 2 * self.config.latent_channels)
+        build_leaf(self.post_quant_conv, self.config.latent_channels)
 
     def encode(self, images):
         """Images (B, H, W, 3) in [-1, 1] -> posterior (mean, logvar), each (B, H/8, W/8, C), unscaled."""

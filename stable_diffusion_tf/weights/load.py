@@ -14,7 +14,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 
 from ..clip import CLIPTextModel
 from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
@@ -30,7 +29,6 @@ IGNORED = re.compile(
     r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_alphas_cumprod$|posterior_|"
     r"logvar$|lvlb_weights$|.*position_ids$|.*\.num_batches_tracked$)"
 )
-TINY_LATENT = 16  # spatial size of the dummy call that creates the variables (2x2 at the UNet's lowest level)
 
 
 @dataclass
@@ -44,32 +42,23 @@ class Models:
 
 
 def make_models(config: ModelConfig, dtype="float32") -> Models:
-    """The three networks, not built yet (no variables): `build` creates the variables."""
+    """The three networks, not built yet (no variables): `build` creates them."""
     return Models(config, CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype),
                   UNet(config.unet, name="unet", dtype=dtype), AutoencoderKL(config.vae, name="vae", dtype=dtype))
 
 
 def build(models: Models) -> Models:
-    """Creates every variable with one small call of each network."""
-    config = models.config
-    context = models.text_encoder(np.zeros((1, config.text_encoder.max_position_embeddings), "int32"))
-    size = max(TINY_LATENT, 2 ** (len(config.unet.block_out_channels) - 1))
-    models.unet(np.zeros((1, size, size, config.unet.in_channels), "float32"), np.zeros((1,), "float32"), context)
-    _build_vae(models.vae)
+    """Creates every variable of the three networks from the config's sizes (no forward pass)."""
+    for model in (models.text_encoder, models.unet, models.vae):
+        model.build()
     return models
-
-
-def _build_vae(vae: AutoencoderKL) -> AutoencoderKL:
-    config = vae.config
-    vae_factor = 2 ** len(config.block_out_channels)  # twice the downsampling: attention sees 2x2 tokens
-    vae.decode(np.zeros((1, 2, 2, config.latent_channels), "float32"))
-    vae.encode(np.zeros((1, vae_factor, vae_factor, config.in_channels), "float32"))
-    return vae
 
 
 def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
     """The VAE with zero variables."""
-    return _build_vae(AutoencoderKL(config, name="vae", dtype=dtype))
+    vae = AutoencoderKL(config, name="vae", dtype=dtype)
+    vae.build()
+    return vae
 
 
 def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
@@ -80,7 +69,7 @@ def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     path = _component_file(source, "vae") if folder else source
     with open_checkpoint(path) as file:
         check = fill_on_build(vae, _getter(file, _vae_candidates(config, folder), set()), path)
-        _build_vae(vae)
+        vae.build()
     check()
     return vae
 
