@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -60,8 +61,8 @@ class GroupNorm(keras.layers.GroupNormalization):
     def call(self, x):
         b, c, g = ops.shape(x)[0], x.shape[-1], self.groups
         x32 = ops.cast(x, "float32")  # Keras has widened it already under mixed precision
-        channel_mean = ops.mean(x32, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
-        channel_var = ops.mean(ops.square(x32 - channel_mean), axis=(1, 2))
+        # (B, 1, 1, C) each; the variance is the mean of squared_difference(x, mean): one fused pass
+        channel_mean, channel_var = ops.moments(x32, axes=(1, 2), keepdims=True)
         channel_mean = ops.reshape(channel_mean, (b, g, c // g))
         mean = ops.mean(channel_mean, axis=-1, keepdims=True)  # (B, G, 1)
         var = ops.mean(ops.reshape(channel_var, (b, g, c // g)), axis=-1, keepdims=True) + ops.mean(
@@ -348,17 +349,21 @@ class Upsample2D(Block):
 
         Output row 2i+p sees input rows (i-1, i, i) when p = 0 and (i, i, i+1) when p = 1, so the 3x3
         kernel folds into 2x2 kernels (taps summed in float32): 16 multiply-adds per output instead of 36.
+        The four outputs are concatenated as channels (p, q, c) and spread by depth_to_space: one copy.
         """
-        b, h, w = ops.shape(x)[0], x.shape[1], x.shape[2]
-        kernel = ops.cast(self.conv.kernel, "float32")
+        h, w = x.shape[1], x.shape[2]
+        # folded when x is ready: in a compiled call the fold needs only the weights, and would otherwise run
+        # at the start and hold its kernels (~0.4 GB for the SD UNet's upsamplers) through the whole down path
+        with tf.control_dependencies([x]):
+            kernel = ops.cast(tf.identity(self.conv.kernel), "float32")
         x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        rows = []
+        outputs = []
         for p in (0, 1):
             k_rows = _fold_taps(kernel, 0, p)
-            cols = [ops.conv(x[:, p:p + h + 1, q:q + w + 1], ops.cast(_fold_taps(k_rows, 1, q), x.dtype))
-                    for q in (0, 1)]
-            rows.append(ops.reshape(ops.stack(cols, axis=3), (b, h, 2 * w, -1)))
-        return ops.reshape(ops.stack(rows, axis=2), (b, 2 * h, 2 * w, -1)) + ops.cast(self.conv.bias, x.dtype)
+            outputs += [ops.conv(x[:, p:p + h + 1, q:q + w + 1], ops.cast(_fold_taps(k_rows, 1, q), x.dtype))
+                        for q in (0, 1)]
+        bias = ops.tile(ops.cast(self.conv.bias, x.dtype), (4,))
+        return tf.nn.depth_to_space(ops.concatenate(outputs, axis=-1) + bias, 2)
 
 
 def _fold_taps(kernel, axis: int, parity: int):

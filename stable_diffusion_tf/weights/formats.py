@@ -139,9 +139,10 @@ class TensorFile:
         self.close()
 
     def close(self) -> None:
-        """Close the underlying file; later get() calls raise CheckpointError."""
+        """Close the underlying file and free the read buffer; later get() calls raise CheckpointError."""
         with self._lock:
             self._closed = True
+            self._scratch = np.empty(0, np.uint8)
             if self._archive is not None:
                 self._archive.close()
             self._fh.close()
