@@ -67,12 +67,20 @@ def _to_keras(layer, param: str, value: np.ndarray, dtype):
         perm = (2, 3, 1, 0)
     casts = tf.as_dtype(value.dtype) != tf.as_dtype(dtype)
     moves = perm is not None and _moves_data(value.shape, perm)
-    if (casts or moves) and value.flags.c_contiguous and value.ctypes.data % 64 == 0:
-        tensor = tf.experimental.dlpack.from_dlpack(value.__dlpack__())  # shares the read buffer until...
-    else:  # convert_to_tensor copies, so the result never shares the read buffer
-        tensor = tf.convert_to_tensor(value)
+    if not ((casts or moves) and value.flags.c_contiguous and value.ctypes.data % 64 == 0):
+        value = _aligned_copy(value)  # the tensor (and so the variable) keeps this copy, never the read buffer
+    tensor = tf.experimental.dlpack.from_dlpack(value.__dlpack__())  # shares the read buffer until...
     tensor = tf.cast(tensor, dtype)  # ...a cast (first: 16-bit results halve the transpose) or a transpose
     return tf.transpose(tensor, perm) if perm is not None else tensor  # makes a new buffer
+
+
+def _aligned_copy(value: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy on a 64-byte boundary, which TensorFlow adopts without copying again."""
+    buffer = np.empty(value.nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    copy = buffer[start:start + value.nbytes].view(value.dtype).reshape(value.shape)
+    np.copyto(copy, value)
+    return copy
 
 
 def _moves_data(shape, perm) -> bool:
