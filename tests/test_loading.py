@@ -1,7 +1,9 @@
 """Loader rules: dtypes, key spellings, family detection, and errors that name the tensor or the file."""
 
 import os
+import re
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -60,6 +62,16 @@ def test_misshaped_tensor_is_named(tmp_path, state):
     broken = {**state, key: torch.zeros(7)}
     with pytest.raises(CheckpointError, match=f"{key} has shape \\(7,\\)"):
         StableDiffusion.from_pretrained(write(tmp_path, broken))
+
+
+@pytest.mark.parametrize("key, shape", [
+    (names.CLIP_PREFIX + "text_model.encoder.layers.0.self_attn.q_proj.weight", (3, 5)),  # among the first read
+    (CONV_IN, (4, 4)),  # a conv kernel of the wrong rank: converting it fails on the reader thread
+])
+def test_misshaped_tensor_stops_the_background_reader(tmp_path, state, key, shape):
+    with pytest.raises(CheckpointError, match=f"{re.escape(key)} has shape {re.escape(str(shape))}, expected"):
+        StableDiffusion.from_pretrained(write(tmp_path, {**state, key: torch.zeros(shape)}))
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("checkpoint-reader")]
 
 
 def test_unknown_tensor_inside_the_unet_is_an_error(tmp_path, state):

@@ -8,7 +8,9 @@ torch Conv2d (out, in, kh, kw) -> Conv2D (kh, kw, in, out).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import keras
 import numpy as np
@@ -89,39 +91,69 @@ def _moves_data(shape, perm) -> bool:
     return kept != sorted(kept)
 
 
-def fill_on_build(model, get: Callable[[str], tuple[str, np.ndarray]], where: str) -> Callable[[], None]:
-    """Makes every variable of an unbuilt `model` start at its checkpoint tensor when the model builds.
+Getter = Callable[[str], tuple[str, np.ndarray]]
 
-    `get(name)` returns (file key, tensor) or raises KeyError. Creating each variable from its tensor
-    (no zero fill, no second copy through `assign`) is what makes loading fast. Returns a check to run
-    after building: every weight-holding layer must have been built (and so filled).
+
+@contextlib.contextmanager
+def filled_on_build(parts: list[tuple[keras.Model, Getter, str]]) -> Iterator[None]:
+    """Inside the block, building an unbuilt model of `parts` creates every variable from its checkpoint tensor.
+
+    Each part is (model, get, where): `get(name)` returns (file key, tensor) or raises KeyError, `where`
+    names the file in errors. One background thread reads the tensors and converts them (layout, dtype)
+    in layer order while this thread builds the Keras layers, and each variable adopts its converted
+    tensor (no zero fill, no second copy): the file work and Keras' own work overlap. On leaving, every
+    weight-holding layer must have been built; on an error, the reading stops.
     """
-    leaves = leaf_layers(model)
-    for name, leaf in leaves.items():
-        params = ("weight", "bias") if getattr(leaf, "use_bias", True) else ("weight",)
-        for param in params:
+    plan = []
+    for model, get, where in parts:
+        for name, leaf in leaf_layers(model).items():
+            plan += [(leaf, param, f"{name}.{param}", get, where) for param in _params(leaf)]
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
+    try:
+        for leaf, param, full, get, where in plan:
+            pending = reader.submit(_convert, leaf, param, full, get)
             for attr in INITIALIZERS[param]:
                 if hasattr(leaf, attr):
-                    setattr(leaf, attr, _initializer(leaf, param, f"{name}.{param}", get, where))
-
-    def check() -> None:
-        unbuilt = [name for name, leaf in leaves.items() if not leaf.built]
+                    setattr(leaf, attr, _initializer(leaf, param, pending, where))
+        yield
+        unbuilt = [full for leaf, _, full, _, _ in plan if not leaf.built]
         if unbuilt:
             raise RuntimeError(f"layers left unbuilt after the build call: {unbuilt[:3]}")
-    return check
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        for leaf, param, *_ in plan:  # drop the references to the tensors (the variables hold them now)
+            for attr in INITIALIZERS[param]:
+                if hasattr(leaf, attr):
+                    setattr(leaf, attr, keras.initializers.Zeros())
 
 
-def _initializer(leaf, param: str, full: str, get, where: str):
+def _params(leaf) -> tuple[str, ...]:
+    return ("weight", "bias") if getattr(leaf, "use_bias", True) else ("weight",)
+
+
+def _convert(leaf, param: str, full: str, get: Getter):
+    """(file key, file shape, shape as loaded, tensor or the error converting it): runs on the reader thread."""
+    key, value = get(full)
+    raw_shape = tuple(value.shape)
+    if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and raw_shape[2:] == (1, 1):
+        value = value[:, :, 0, 0]  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense
+    try:
+        tensor = _to_keras(leaf, param, value, leaf.dtype_policy.variable_dtype)
+    except Exception as error:  # noqa: BLE001 - a wrongly shaped tensor; the builder reports its shape
+        tensor = error
+    return key, raw_shape, tuple(value.shape), tensor
+
+
+def _initializer(leaf, param: str, pending, where: str):
     def initialize(shape, dtype=None):
         try:
-            key, value = get(full)
+            key, raw_shape, loaded_shape, tensor = pending.result()
         except KeyError as missing:
             raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
-        raw_shape = tuple(value.shape)
-        if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and raw_shape[2:] == (1, 1):
-            value = value[:, :, 0, 0]  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense
-        if tuple(value.shape) != _torch_shape(leaf, param, shape):
-            raise CheckpointError(f"{where}: tensor {key} has shape {raw_shape}, "
-                                  f"expected {_torch_shape(leaf, param, shape)}")
-        return _to_keras(leaf, param, value, dtype)
+        expected = _torch_shape(leaf, param, shape)
+        if loaded_shape != expected:
+            raise CheckpointError(f"{where}: tensor {key} has shape {raw_shape}, expected {expected}")
+        if isinstance(tensor, Exception):
+            raise tensor
+        return tf.cast(tensor, dtype) if dtype is not None else tensor
     return initialize

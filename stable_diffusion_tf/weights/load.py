@@ -21,7 +21,7 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from . import names
-from .assign import fill_on_build
+from .assign import filled_on_build
 from .formats import TensorFile, open_checkpoint
 
 # Tensors of SD training checkpoints that inference does not use.
@@ -68,16 +68,15 @@ def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     folder = os.path.isdir(source)
     path = _component_file(source, "vae") if folder else source
     with open_checkpoint(path) as file:
-        check = fill_on_build(vae, _getter(file, _vae_candidates(config, folder), set()), path)
-        vae.build()
-    check()
+        with filled_on_build([(vae, _getter(file, _vae_candidates(config, folder), set()), path)]):
+            vae.build()
     return vae
 
 
 def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Models:
     """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
 
-    The networks are made unbuilt, told where each variable's tensor is (`fill_on_build`), and built:
+    The networks are made unbuilt, told where each variable's tensor is (`filled_on_build`), and built:
     every variable is created once, from its tensor.
     """
     source = os.fspath(source)
@@ -90,19 +89,17 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
         config = config or infer_config(file, family)
         models = make_models(config, dtype)
         used: set[str] = set()
-        checks = [fill_on_build(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used),
-                                source),
-                  fill_on_build(models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)]
         if _has_open_clip(file):
-            checks.append(fill_on_build(models.text_encoder, _open_clip_getter(file, used), source))
+            clip = _open_clip_getter(file, used)
             layers = config.text_encoder.num_hidden_layers
             used |= {k for k in file.keys() if names.open_clip_unused(k, layers)}  # left out on purpose
         else:
             clip = _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used)
-            checks.append(fill_on_build(models.text_encoder, clip, source))
-        build(models)
-        for check in checks:
-            check()
+        with filled_on_build([(models.text_encoder, clip, source),  # in the order `build` builds them
+                              (models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used),
+                               source),
+                              (models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)]):
+            build(models)
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
     return models
 
@@ -324,18 +321,18 @@ def _component_file(folder: str, part: str) -> str:
 def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
     config = config or read_folder_config(folder)
     models = make_models(config, dtype)
-    parts = {"unet": (models.unet, lambda n: [n]), "vae": (models.vae, _vae_candidates(config.vae, True)),
-             "text_encoder": (models.text_encoder, names.clip_names)}
+    parts = {"text_encoder": (models.text_encoder, names.clip_names), "unet": (models.unet, lambda n: [n]),
+             "vae": (models.vae, _vae_candidates(config.vae, True))}  # in the order `build` builds them
     with contextlib.ExitStack() as stack:
         opened = []
         for part, (model, candidates) in parts.items():
             path = _component_file(folder, part)
             file = stack.enter_context(open_checkpoint(path))
             used: set[str] = set()
-            opened.append((path, file, used, fill_on_build(model, _getter(file, candidates, used), path)))
-        build(models)
-        for path, file, used, check in opened:
-            check()
+            opened.append((model, _getter(file, candidates, used), path, file, used))
+        with filled_on_build([(model, get, path) for model, get, path, _, _ in opened]):
+            build(models)
+        for _, _, path, file, used in opened:
             extra = [k for k in file.keys() if k not in used and not IGNORED.match(k)]
             if extra:
                 raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
