@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import CheckpointError
+from .formats import ALIGNMENT, aligned_bytes
 
 LEAVES = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.GroupNormalization,
           keras.layers.LayerNormalization, keras.layers.Embedding)
@@ -69,7 +70,7 @@ def _to_keras(layer, param: str, value: np.ndarray, dtype):
         perm = (2, 3, 1, 0)
     casts = tf.as_dtype(value.dtype) != tf.as_dtype(dtype)
     moves = perm is not None and _moves_data(value.shape, perm)
-    if not ((casts or moves) and value.flags.c_contiguous and value.ctypes.data % 64 == 0):
+    if not ((casts or moves) and value.flags.c_contiguous and value.ctypes.data % ALIGNMENT == 0):
         value = _aligned_copy(value)  # the tensor (and so the variable) keeps this copy, never the read buffer
     tensor = tf.experimental.dlpack.from_dlpack(value.__dlpack__())  # shares the read buffer until...
     tensor = tf.cast(tensor, dtype)  # ...a cast (first: 16-bit results halve the transpose) or a transpose
@@ -77,10 +78,8 @@ def _to_keras(layer, param: str, value: np.ndarray, dtype):
 
 
 def _aligned_copy(value: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy on a 64-byte boundary, which TensorFlow adopts without copying again."""
-    buffer = np.empty(value.nbytes + 64, np.uint8)
-    start = -buffer.ctypes.data % 64
-    copy = buffer[start:start + value.nbytes].view(value.dtype).reshape(value.shape)
+    """A C-contiguous aligned copy, which TensorFlow adopts without copying again."""
+    copy = aligned_bytes(value.nbytes).view(value.dtype).reshape(value.shape)
     np.copyto(copy, value)
     return copy
 

@@ -31,6 +31,7 @@ _MAX_PICKLE = 256 * 1024 * 1024  # torch data.pkl cap (an SD state dict pickles 
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot beat ~1032:1, so a larger declared size is corrupt or a zip bomb
 _CHUNK = 1 << 20
 _MAX_DIMS = 32  # NumPy 1.x's limit (2.x allows 64); no real weight comes close
+ALIGNMENT = 64  # bytes: TensorFlow adopts buffers aligned so without a copy (and aborts on unaligned ones)
 
 # Raw little-endian layout per dtype name; bfloat16 is read as uint16 and widened, bool as bytes.
 _NUMPY = {
@@ -148,11 +149,10 @@ class TensorFile:
             self._fh.close()
 
     def _scratch_buffer(self, nbytes: int) -> np.ndarray:
-        """The first `nbytes` of the reused buffer, grown as needed, starting on a 64-byte boundary."""
-        if self._scratch.size < nbytes + 64:
-            self._scratch = np.empty(nbytes + 64, np.uint8)
-        start = -self._scratch.ctypes.data % 64
-        return self._scratch[start:start + nbytes]
+        """The first `nbytes` of the reused aligned buffer, grown as needed."""
+        if self._scratch.size < nbytes:
+            self._scratch = aligned_bytes(nbytes)
+        return self._scratch[:nbytes]
 
     def keys(self) -> list[str]:
         """Tensor names in file order (non-tensor entries such as global_step are left out)."""
@@ -225,6 +225,13 @@ class TensorFile:
         if storage.start >= 0 and storage.member is not None and zlib.crc32(buf) != storage.member.CRC:
             raise _error(self.path, f"{storage.name} fails its CRC check (corrupt download?)")
         return buf
+
+
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """A new uint8 array of `nbytes` starting on an ALIGNMENT-byte boundary."""
+    buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % ALIGNMENT
+    return buffer[start:start + nbytes]
 
 
 def detect_format(path: str | os.PathLike) -> str:
