@@ -2,16 +2,18 @@
 
     python benchmarks/benchmark.py            # full size: SD 1.5 shapes, 512x512 (about 20 minutes on 2 cores)
     python benchmarks/benchmark.py --quick    # tiny model, 64x64: a smoke run of every measurement
+    python benchmarks/benchmark.py --kerascv  # also against KerasCV 0.9 (pip install -e ".[bench]")
 
 Speed figures come from one process that holds both implementations and alternates between them; peak
 memory and load time come from one fresh subprocess per implementation. Every line prints both numbers
-and the ratio ours / diffusers (below 1 means we are faster or smaller).
+and the ratio ours / theirs (below 1 means we are faster or smaller).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -133,6 +135,11 @@ def speed(paths: dict, precision: str, size: int, steps: int, repeats: int) -> l
             lambda: theirs("a photo", height=size, width=size, num_inference_steps=steps, output_type="np"),
             False),  # the UNet and VAE shapes are warm from the jobs above
     }
+    return alternate(jobs, precision, repeats)
+
+
+def alternate(jobs: dict, precision: str, repeats: int) -> list[tuple[str, float, float]]:
+    """Median seconds of each job's two sides, run in turns. jobs: name -> (ours, theirs, warm up first)."""
     rows = []
     for name, (mine, reference, warm_up) in jobs.items():
         if warm_up:
@@ -145,12 +152,80 @@ def speed(paths: dict, precision: str, size: int, steps: int, repeats: int) -> l
     return rows
 
 
+def load_kerascv(precision: str, size: int):
+    """KerasCV 0.9's SD 1.x UNet and VAE decoder, made as its `StableDiffusion` makes them, with random weights.
+
+    Its constructors download the real weights unless told not to; both are compiled with XLA for
+    `predict_on_batch`, as its default `jit_compile=True` does. KerasCV takes mixed precision from Keras'
+    global policy, which is set here only while its networks are made.
+    """
+    import keras
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        unet = DiffusionModel(size, size, 77, download_weights=False)
+        decoder = Decoder(size, size, download_weights=False)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    unet.compile(jit_compile=True)
+    decoder.compile(jit_compile=True)
+    return unet, decoder
+
+
+def kerascv_speed(paths: dict, precision: str, size: int, repeats: int) -> list[tuple[str, float, float]]:
+    """Median seconds of the UNet step and the VAE decode against KerasCV 0.9, alternating.
+
+    Two ways each: the same call shapes as ours, each side compiled as one tf.function without XLA
+    (KerasCV's networks at their fastest here), and as each pipeline runs them by default: ours as
+    `text_to_image` does, KerasCV as its `generate_image` does (XLA; the guided step as two batch-1
+    `predict_on_batch` calls, unconditional then conditional).
+    """
+    import numpy as np
+    import tensorflow as tf
+    from keras_cv.models import StableDiffusion as KerasCVStableDiffusion
+
+    ours = load_ours(paths, precision)
+    unet, decoder = load_kerascv(precision, size)
+    h = size // 8
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, h, h, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, 768)).astype(np.float32)
+    temb = np.asarray(KerasCVStableDiffusion(size, size, jit_compile=False)._get_timestep_embedding(500, 2))
+    unet_fn = tf.function(lambda x, t, c: unet([x, t, c], training=False), autograph=False)
+    decode_fn = tf.function(lambda z: decoder(z, training=False), autograph=False)
+
+    def kerascv_guided_step():
+        for i in range(2):
+            unet.predict_on_batch({"latent": latents[i:i + 1], "timestep_embedding": temb[i:i + 1],
+                                   "context": context[i:i + 1]})
+
+    step, decode = (lambda: ours.predict_noise(latents, 500, context)), (lambda: ours.decode_latents(latents[:1]))
+    jobs = {
+        "UNet step, batch 2, one tf.function each": (step, lambda: unet_fn(latents, temb, context).numpy(), True),
+        "guided UNet step, each pipeline's default": (step, kerascv_guided_step, True),
+        "VAE decode, 1 image, one tf.function each": (decode, lambda: decode_fn(latents[:1]).numpy(), True),
+        "VAE decode, 1 image, each pipeline's default": (decode, lambda: decoder.predict_on_batch(latents[:1]),
+                                                         True),
+    }
+    return alternate(jobs, precision, repeats)
+
+
 def worker(args) -> None:
-    """One fresh process: load one implementation, time the load, run one whole image, report peak RSS."""
+    """One fresh process: load one implementation, time the load and one whole image, report peak RSS.
+
+    `--worker kerascv` runs the KerasCV timings instead (a third copy of the UNet does not fit beside the others).
+    """
     paths = json.loads(args.paths)
+    if args.worker == "kerascv":
+        print(json.dumps(kerascv_speed(paths, args.precision, args.size, args.repeats)))
+        return
     start = time.perf_counter()
     pipe = (load_ours if args.worker == "ours" else load_diffusers)(paths, args.precision)
     load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     if args.worker == "ours":
         pipe.text_to_image("a photo", height=args.size, width=args.size, num_inference_steps=args.steps,
                            sampler="dpm++2m", seed=0, output_type="np")
@@ -161,7 +236,8 @@ def worker(args) -> None:
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         with torch.no_grad():
             pipe("a photo", height=args.size, width=args.size, num_inference_steps=args.steps, output_type="np")
-    print(json.dumps({"load_s": load_seconds, "peak_gb": peak_rss_gb()}))
+    image_seconds = time.perf_counter() - start  # the first image: ours traces its compiled calls here
+    print(json.dumps({"load_s": load_seconds, "image_s": image_seconds, "peak_gb": peak_rss_gb()}))
 
 
 def peak_rss_gb() -> float:
@@ -178,15 +254,22 @@ def warm_page_cache(path: str) -> None:
             pass
 
 
+def in_subprocess(who: str, paths: dict, precision: str, size: int, steps: int, repeats: int = 1):
+    """What `--worker who` prints last, parsed: its own process, so its memory is gone when it returns."""
+    out = subprocess.run([sys.executable, __file__, "--worker", who, "--paths", json.dumps(paths), "--precision",
+                          precision, "--size", str(size), "--steps", str(steps), "--repeats", str(repeats)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def isolated(paths: dict, precision: str, size: int, steps: int) -> list[tuple[str, float, float]]:
     results = {}
     for who in ("ours", "diffusers"):
         warm_page_cache(paths["safetensors"])
-        out = subprocess.run([sys.executable, __file__, "--worker", who, "--paths", json.dumps(paths),
-                              "--precision", precision, "--size", str(size), "--steps", str(steps)],
-                             check=True, capture_output=True, text=True).stdout
-        results[who] = json.loads(out.strip().splitlines()[-1])
+        results[who] = in_subprocess(who, paths, precision, size, steps)
     return [(f"load single file [{precision}] (s)", results["ours"]["load_s"], results["diffusers"]["load_s"]),
+            (f"first image after the load [{precision}] (s)", results["ours"]["image_s"],
+             results["diffusers"]["image_s"]),
             (f"peak RSS, load + whole image [{precision}] (GB)", results["ours"]["peak_gb"],
              results["diffusers"]["peak_gb"])]
 
@@ -197,14 +280,20 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["speed", "memory"], help="run one half: the timings, or load + peak RSS")
+    parser.add_argument("--kerascv", action="store_true",
+                        help="also time the UNet step and VAE decode against KerasCV 0.9 (keras-cv installed)")
     parser.add_argument("--workdir", help="keep the random checkpoints in this folder and reuse them on later runs")
-    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "diffusers", "kerascv"], help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     args.size = args.size or (64 if args.quick else 512)
     args.steps = args.steps or (3 if args.quick else 20)
+    if args.kerascv and args.quick:
+        parser.error("--kerascv needs full-size weights: KerasCV's networks are SD 1.x-sized only")
+    if args.kerascv and importlib.util.find_spec("keras_cv") is None:
+        parser.error("--kerascv needs KerasCV: pip install -e \".[bench]\"")
     if args.worker:
         worker(args)
         return
@@ -221,12 +310,18 @@ def main() -> None:
         paths = checkpoint_in(directory, args.quick)
         size_gb = os.path.getsize(paths["safetensors"]) / 2**30
         print(f"checkpoint: {size_gb:.2f} GB single file")
-        print(f"{'measurement':55s} {'ours':>9s} {'diffusers':>10s} {'ratio':>7s}")
         for precision in precisions:
             rows = [] if args.only == "memory" else speed(paths, precision, args.size, args.steps, repeats)
             rows += [] if args.only == "speed" else isolated(paths, precision, args.size, args.steps)
-            for name, mine, theirs in rows:
-                print(f"{name:55s} {mine:9.3f} {theirs:10.3f} {mine / theirs:7.2f}", flush=True)
+            report("diffusers", rows)
+            if args.kerascv and args.only != "memory":
+                report("KerasCV", in_subprocess("kerascv", paths, precision, args.size, args.steps, repeats))
+
+
+def report(reference: str, rows: list[tuple[str, float, float]]) -> None:
+    print(f"{'measurement':55s} {'ours':>9s} {reference:>10s} {'ratio':>7s}")
+    for name, mine, theirs in rows:
+        print(f"{name:55s} {mine:9.3f} {theirs:10.3f} {mine / theirs:7.2f}", flush=True)
 
 
 if __name__ == "__main__":
