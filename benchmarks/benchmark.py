@@ -216,7 +216,8 @@ def kerascv_speed(paths: dict, precision: str, size: int, repeats: int) -> list[
 def worker(args) -> None:
     """One fresh process: load one implementation, time the load and one whole image, report peak RSS.
 
-    `--worker kerascv` runs the KerasCV timings instead (a third copy of the UNet does not fit beside the others).
+    `--worker kerascv` runs the KerasCV timings instead: in the speed process, beside the diffusers comparison's
+    networks, they ran out of this machine's 24 GB.
     """
     paths = json.loads(args.paths)
     if args.worker == "kerascv":
