@@ -7,7 +7,8 @@ import numpy as np
 from keras import ops
 
 from .config import VAEConfig
-from .layers import Attention, Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Upsample2D, build_leaf, conv, group_norm
+from .layers import (Attention, Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Upsample2D, build_leaf, conv,
+                     group_norm)
 
 EPS = 1e-6  # every norm in the VAE
 

@@ -14,7 +14,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-
 from ..clip import CLIPTextModel
 from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from ..errors import CheckpointError, UnsupportedModelError
