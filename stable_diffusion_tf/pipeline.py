@@ -63,7 +63,7 @@ class StableDiffusion:
                  jit_compile: bool = False, scheduler_config: SchedulerConfig | None = None,
                  source: str | None = None):
         self.config: ModelConfig = models.config
-        self.text_encoder, self.unet, self.vae = models.text_encoder, models.unet, models.vae
+        self._models = models
         self.tokenizer = tokenizer or CLIPTokenizer(max_length=self.config.text_encoder.max_position_embeddings,
                                                     pad_token_id=self.config.pad_token_id)
         self.precision = precision
@@ -83,13 +83,17 @@ class StableDiffusion:
         `prediction_type` ("epsilon" or "v_prediction") overrides what the files say, as diffusers'
         from_single_file does; without it a folder's scheduler config decides, and a single file is
         taken as v-prediction if SD 2.x (diffusers' default: the 768 models), epsilon otherwise.
+
+        It returns once the networks are built and every key and shape has been checked against the files;
+        the tensors are then read in the background, and the first use of each network waits for its own
+        (a read error is raised there, as a CheckpointError).
         """
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if prediction_type not in (None, *PREDICTION_TYPES):
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
         path = resolve(source)
-        models = load(path, config=config, dtype=WEIGHT_POLICIES[PRECISIONS[precision]])
+        models = load(path, config=config, dtype=WEIGHT_POLICIES[PRECISIONS[precision]], background=True)
         scheduler = SchedulerConfig(prediction_type="v_prediction" if models.config.family == "sd2" else "epsilon")
         scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(scheduler_file):
@@ -99,6 +103,23 @@ class StableDiffusion:
             scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
         return cls(models, precision=PRECISIONS[precision], jit_compile=jit_compile,
                    scheduler_config=scheduler, source=path)
+
+    # -- the networks: from_pretrained returns while their tensors are still read; each waits for its own ----
+
+    @property
+    def text_encoder(self):
+        self._models.wait(self._models.text_encoder)
+        return self._models.text_encoder
+
+    @property
+    def unet(self):
+        self._models.wait(self._models.unet)
+        return self._models.unet
+
+    @property
+    def vae(self):
+        self._models.wait(self._models.vae)
+        return self._models.vae
 
     # -- the building blocks -------------------------------------------------------------------------------
 
@@ -173,7 +194,11 @@ class StableDiffusion:
 
     def _unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
         """The UNet as one compiled call, traced once per input shape (static shapes; XLA with jit_compile)."""
-        fn = self._compile("unet", lambda x, t, c: ops.cast(self.unet(x, t, c), "float32"), self.jit_compile)
+        unet = self._models.unet
+        fn = self._compile("unet", lambda x, t, c: ops.cast(unet(x, t, c), "float32"), self.jit_compile)
+        if self._models.filling is not None and not self._models.filling.done(unet):
+            fn.get_concrete_function(latents, timesteps, context)  # traces while the weights are still read
+        self._models.wait(unet)
         return fn(latents, timesteps, context).numpy()
 
     # -- generation ----------------------------------------------------------------------------------------

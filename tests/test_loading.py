@@ -134,3 +134,65 @@ def test_malicious_ckpt_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(CheckpointError, match="refuses to load"):
         StableDiffusion.from_pretrained(path)
     assert not canary.exists()
+
+
+def _reader_threads_end() -> bool:
+    """Whether the background readers end (they close the files after the last tensor), waiting up to 30 s."""
+    readers = [t for t in threading.enumerate() if t.name.startswith("checkpoint-reader")]
+    for thread in readers:
+        thread.join(30)
+    return not any(thread.is_alive() for thread in readers)
+
+
+def test_from_pretrained_returns_while_the_unet_is_still_read(checkpoints, monkeypatch):
+    from stable_diffusion_tf.weights.formats import TensorFile
+
+    real_get, unet_read = TensorFile.get, threading.Event()
+
+    def get(self, key, scratch=False):  # the UNet's tensors wait until the test lets them through
+        if key.startswith(names.UNET_PREFIX):
+            assert unet_read.wait(60), "from_pretrained waited for the UNet's tensors"
+        return real_get(self, key, scratch)
+
+    monkeypatch.setattr(TensorFile, "get", get)
+    try:
+        pipe = StableDiffusion.from_pretrained(checkpoints["safetensors"])
+        assert not pipe._models.filling.done(pipe._models.unet)
+        context = pipe.encode_prompt(["a cat", ""])  # needs only the text encoder, read first
+    finally:
+        unet_read.set()
+    monkeypatch.setattr(TensorFile, "get", real_get)
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    expected = StableDiffusion.from_pretrained(checkpoints["safetensors"])
+    np.testing.assert_array_equal(pipe.predict_noise(latents, 10, context), expected.predict_noise(latents, 10, context))
+    np.testing.assert_array_equal(context, expected.encode_prompt(["a cat", ""]))
+    pipe._models.wait()
+    assert _reader_threads_end()
+
+
+def test_a_read_error_after_from_pretrained_returns_is_raised_at_first_use(checkpoints, monkeypatch, tmp_path,
+                                                                           capsys):
+    from stable_diffusion_tf import cli
+    from stable_diffusion_tf.weights.formats import TensorFile
+
+    key = names.UNET_PREFIX + "out.2.weight"
+    real_get = TensorFile.get
+
+    def get(self, name, scratch=False):
+        if name == key:
+            raise CheckpointError(f"{self.path}: cannot read {name}: Input/output error")
+        return real_get(self, name, scratch)
+
+    monkeypatch.setattr(TensorFile, "get", get)
+    pipe = StableDiffusion.from_pretrained(checkpoints["safetensors"])
+    latents = np.zeros((1, 8, 8, 4), np.float32)
+    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(key)}"):
+        pipe.predict_noise(latents, 10, pipe.encode_prompt([""]))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        pipe.decode_latents(latents)  # read after the failed tensor: never filled
+    assert _reader_threads_end()
+    output = tmp_path / "out.png"
+    code = cli.main(["--prompt", "x", "--weights", checkpoints["safetensors"], "--output", str(output),
+                     "--H", "64", "--W", "64", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot read" in err[0] and not output.exists()

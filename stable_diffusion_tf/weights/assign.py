@@ -9,12 +9,13 @@ torch Conv2d (out, in, kh, kw) -> Conv2D (kh, kw, in, out).
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops.resource_variable_ops import UninitializedVariable  # not in tf.*
 
 from ..errors import CheckpointError
 from .formats import ALIGNMENT, aligned_bytes
@@ -90,69 +91,141 @@ def _moves_data(shape, perm) -> bool:
     return kept != sorted(kept)
 
 
-Getter = Callable[[str], tuple[str, np.ndarray]]
+Getter = Callable[[str], tuple[str, tuple, Callable[[], np.ndarray]]]
+
+
+class Filling:
+    """Checkpoint tensors on their way into the variables of the models built inside `filled_on_build`.
+
+    Once every variable exists, one background thread reads each tensor, converts it (layout, dtype) and
+    assigns it to its variable, in build order, then closes the files. `wait(model)` blocks until that
+    model's variables (or, with no model, all of them) hold their tensors, and raises the error that
+    stopped the reading, if any.
+    """
+
+    def __init__(self, files) -> None:
+        self._files = list(files)
+        self._tasks: dict[int, list[Future]] = {}
+        self._error: BaseException | None = None
+
+    def _start(self, plan: list[tuple]) -> None:
+        """Every variable exists: read the tensors in the background (after the build, which they would slow).
+
+        `plan`: (model, leaf, param, name, get, slot) per variable, `slot` holding the variable."""
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
+        for model, leaf, param, full, get, slot in plan:
+            self._tasks.setdefault(id(model), []).append(reader.submit(self._fill, leaf, param, full, get, slot))
+        reader.submit(self.close)
+        reader.shutdown(wait=False)
+
+    def _fill(self, leaf, param: str, full: str, get: Getter, slot: Future) -> None:
+        if self._error is not None:
+            raise self._error
+        try:
+            _, _, read = get(full)
+            tensor = _to_keras(leaf, param, _as_loaded(leaf, read()), leaf.dtype_policy.variable_dtype)
+            slot.result().assign(tensor)  # the empty variable adopts the tensor (no copy)
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+    def done(self, model=None) -> bool:
+        """Whether the tensors of `model` (or all) have been read, or the reading has stopped."""
+        return all(task.done() for task in self._tasks_of(model))
+
+    def wait(self, model=None) -> None:
+        """Blocks until `model`'s variables (all, for None) hold their tensors; raises the reading's error."""
+        for task in self._tasks_of(model):
+            task.result()
+
+    def _tasks_of(self, model) -> list[Future]:
+        return [t for tasks in self._tasks.values() for t in tasks] if model is None else self._tasks.get(id(model), [])
 
 
 @contextlib.contextmanager
-def filled_on_build(parts: list[tuple[keras.Model, Getter, str]]) -> Iterator[None]:
-    """Inside the block, building an unbuilt model of `parts` creates every variable from its checkpoint tensor.
+def filled_on_build(parts: list[tuple[keras.Model, Getter, str]], files=()) -> Iterator[Filling]:
+    """Inside the block, building an unbuilt model of `parts` creates every variable for its checkpoint tensor.
 
-    Each part is (model, get, where): `get(name)` returns (file key, tensor) or raises KeyError, `where`
-    names the file in errors. One background thread reads the tensors and converts them (layout, dtype)
-    in layer order while this thread builds the Keras layers, and each variable adopts its converted
-    tensor (no zero fill, no second copy): the file work and Keras' own work overlap. On leaving, every
-    weight-holding layer must have been built; on an error, the reading stops.
+    Each part is (model, get, where): `get(name)` returns (file key, file shape, read) or raises KeyError,
+    `read()` gives the tensor; `where` names the file in errors. The builder checks each key and shape
+    from the file's header and makes each variable empty; after the block, the `Filling` it yields fills
+    them in the background (no zero fill, no second copy) and closes `files` when done. An error in the
+    block (a missing or misshaped tensor, an unbuilt layer) closes the files before any tensor is read.
     """
+    filling = Filling(files)
     plan = []
-    for model, get, where in parts:
-        for name, leaf in leaf_layers(model).items():
-            plan += [(leaf, param, f"{name}.{param}", get, where) for param in _params(leaf)]
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
     try:
-        for leaf, param, full, get, where in plan:
-            pending = reader.submit(_convert, leaf, param, full, get)
-            for attr in INITIALIZERS[param]:
-                if hasattr(leaf, attr):
-                    setattr(leaf, attr, _initializer(leaf, param, pending, where))
-        yield
-        unbuilt = [full for leaf, _, full, _, _ in plan if not leaf.built]
-        if unbuilt:
-            raise RuntimeError(f"layers left unbuilt after the build call: {unbuilt[:3]}")
+        for model, get, where in parts:
+            for name, leaf in leaf_layers(model).items():
+                for param in _params(leaf):
+                    full, slot = f"{name}.{param}", Future()  # the builder hands the variable over in `slot`
+                    plan.append((model, leaf, param, full, get, slot))
+                    for attr in INITIALIZERS[param]:
+                        if hasattr(leaf, attr):
+                            setattr(leaf, attr, _initializer(leaf, param, full, get, where, slot))
+        with tf.variable_creator_scope(_empty_variables):
+            yield filling
+        unmade = [full for *_, full, _, slot in plan if not slot.done()]  # a layer left unbuilt, say
+        if unmade:
+            raise RuntimeError(f"variables not made for their tensors by the build call: {unmade[:3]}")
+    except BaseException:
+        filling.close()
+        raise
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
-        for leaf, param, *_ in plan:  # drop the references to the tensors (the variables hold them now)
+        for _, leaf, param, *_ in plan:  # drop the references to the getters and slots
             for attr in INITIALIZERS[param]:
                 if hasattr(leaf, attr):
                     setattr(leaf, attr, keras.initializers.Zeros())
+    filling._start(plan)
 
 
 def _params(leaf) -> tuple[str, ...]:
-    return ("weight", "bias") if getattr(leaf, "use_bias", True) else ("weight",)
+    """The checkpoint tensors of a leaf: its weight, and its bias where it has one (an Embedding has none)."""
+    return tuple(p for p, attrs in INITIALIZERS.items() if any(hasattr(leaf, a) for a in attrs)
+                 and (p == "weight" or getattr(leaf, "use_bias", True)))
 
 
-def _convert(leaf, param: str, full: str, get: Getter):
-    """(file key, file shape, shape as loaded, tensor or the error converting it): runs on the reader thread."""
-    key, value = get(full)
-    raw_shape = tuple(value.shape)
-    if isinstance(leaf, keras.layers.Dense) and value.ndim == 4 and raw_shape[2:] == (1, 1):
-        value = value[:, :, 0, 0]  # 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense
-    try:
-        tensor = _to_keras(leaf, param, value, leaf.dtype_policy.variable_dtype)
-    except Exception as error:  # noqa: BLE001 - a wrongly shaped tensor; the builder reports its shape
-        tensor = error
-    return key, raw_shape, tuple(value.shape), tensor
+def _squeezes(leaf, shape: tuple) -> bool:
+    """1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense."""
+    return isinstance(leaf, keras.layers.Dense) and len(shape) == 4 and shape[2:] == (1, 1)
 
 
-def _initializer(leaf, param: str, pending, where: str):
+def _as_loaded(leaf, value: np.ndarray) -> np.ndarray:
+    return value[:, :, 0, 0] if _squeezes(leaf, value.shape) else value
+
+
+class _Empty(NamedTuple):
+    """What an initializer gives inside `filled_on_build`: make the variable empty and hand it to `slot`."""
+
+    shape: tuple
+    slot: Future
+
+
+def _empty_variables(next_creator, **kwargs):
+    """Variable creator: an empty (uninitialized) variable for a checkpoint tensor, others as usual."""
+    value = kwargs["initial_value"]
+    value = value() if callable(value) else value
+    if not isinstance(value, _Empty):
+        return next_creator(**{**kwargs, "initial_value": value})
+    variable = UninitializedVariable(shape=value.shape, dtype=kwargs.get("dtype"), name=kwargs.get("name"),
+                                     trainable=kwargs.get("trainable"))
+    value.slot.set_result(variable)
+    return variable
+
+
+def _initializer(leaf, param: str, full: str, get: Getter, where: str, slot: Future):
     def initialize(shape, dtype=None):
         try:
-            key, raw_shape, loaded_shape, tensor = pending.result()
+            key, raw_shape, _ = get(full)
         except KeyError as missing:
             raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
         expected = _torch_shape(leaf, param, shape)
+        loaded_shape = tuple(raw_shape[:2]) if _squeezes(leaf, tuple(raw_shape)) else tuple(raw_shape)
         if loaded_shape != expected:
-            raise CheckpointError(f"{where}: tensor {key} has shape {raw_shape}, expected {expected}")
-        if isinstance(tensor, Exception):
-            raise tensor
-        return tf.cast(tensor, dtype) if dtype is not None else tensor
+            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(raw_shape)}, expected {expected}")
+        return _Empty(tuple(shape), slot)
     return initialize

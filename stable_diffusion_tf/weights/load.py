@@ -20,7 +20,7 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from . import names
-from .assign import filled_on_build
+from .assign import Filling, filled_on_build
 from .formats import TensorFile, open_checkpoint
 
 # Tensors of SD training checkpoints that inference does not use.
@@ -38,6 +38,12 @@ class Models:
     text_encoder: CLIPTextModel
     unet: UNet
     vae: AutoencoderKL
+    filling: Filling | None = None  # the checkpoint reading still under way after a background load
+
+    def wait(self, network=None) -> None:
+        """Blocks until `network` (one of the three, or all for None) holds its checkpoint tensors."""
+        if self.filling is not None:
+            self.filling.wait(network)
 
 
 def make_models(config: ModelConfig, dtype="float32") -> Models:
@@ -66,22 +72,35 @@ def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     vae = AutoencoderKL(config, name="vae", dtype=dtype)
     folder = os.path.isdir(source)
     path = _component_file(source, "vae") if folder else source
-    with open_checkpoint(path) as file:
-        with filled_on_build([(vae, _getter(file, _vae_candidates(config, folder), set()), path)]):
-            vae.build()
+    file = open_checkpoint(path)
+    with filled_on_build([(vae, _getter(file, _vae_candidates(config, folder), set()), path)], [file]) as filling:
+        vae.build()
+    filling.wait()
     return vae
 
 
-def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Models:
+def load(source: str, config: ModelConfig | None = None, dtype="float32", background: bool = False) -> Models:
     """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
 
     The networks are made unbuilt, told where each variable's tensor is (`filled_on_build`), and built:
-    every variable is created once, from its tensor.
+    every key and shape is checked against the file's header and every variable is created empty, then
+    filled once from its tensor by a background thread. With `background` this returns while the
+    tensors are still being read (`Models.wait` blocks until they are in and raises a read error);
+    otherwise it returns once they all are.
     """
     source = os.fspath(source)
     if os.path.isdir(source):
-        return _load_diffusers_folder(source, config, dtype)
-    with open_checkpoint(source) as file:
+        models = _load_diffusers_folder(source, config, dtype)
+    else:
+        models = _load_single_file(source, config, dtype)
+    if not background:
+        models.wait()
+    return models
+
+
+def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
+    file = open_checkpoint(source)
+    try:
         family = detect_family(file)
         if family not in LOADABLE:
             raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; {_loads()}")
@@ -94,12 +113,16 @@ def load(source: str, config: ModelConfig | None = None, dtype="float32") -> Mod
             used |= {k for k in file.keys() if names.open_clip_unused(k, layers)}  # left out on purpose
         else:
             clip = _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used)
-        with filled_on_build([(models.text_encoder, clip, source),  # in the order `build` builds them
-                              (models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used),
-                               source),
-                              (models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)]):
-            build(models)
+    except BaseException:
+        file.close()
+        raise
+    with filled_on_build([(models.text_encoder, clip, source),  # in the order `build` builds them
+                          (models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source),
+                          (models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)],
+                         [file]) as filling:
+        build(models)
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
+    models.filling = filling
     return models
 
 
@@ -109,12 +132,12 @@ def _vae_candidates(config: VAEConfig, folder: bool):
 
 
 def _getter(file: TensorFile, candidates, used: set[str]):
-    """`get(name) -> (file key, tensor)` over the first candidate key present; records the keys it used."""
+    """`get(name) -> (file key, shape, read)` over the first candidate key present; records the keys it used."""
     def get(name):
         for key in candidates(name):
             if key in file:
                 used.add(key)
-                return key, file.get(key, scratch=True)
+                return key, file.shape(key), lambda: file.get(key, scratch=True)
         raise KeyError(candidates(name)[0])
     return get
 
@@ -130,11 +153,12 @@ def _open_clip_getter(file: TensorFile, used: set[str]):
         if key not in file:
             raise KeyError(key)
         used.add(key)
-        value = file.get(key, scratch=True)
+        shape = file.shape(key)
         if third is None:
-            return key, value
-        n = value.shape[0] // 3
-        return f"{key}[{third * n}:{(third + 1) * n}]", value[third * n:(third + 1) * n]
+            return key, shape, lambda: file.get(key, scratch=True)
+        n = shape[0] // 3
+        return (f"{key}[{third * n}:{(third + 1) * n}]", (n, *shape[1:]),
+                lambda: file.get(key, scratch=True)[third * n:(third + 1) * n])
     return get
 
 
@@ -322,17 +346,20 @@ def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Mo
     models = make_models(config, dtype)
     parts = {"text_encoder": (models.text_encoder, names.clip_names), "unet": (models.unet, lambda n: [n]),
              "vae": (models.vae, _vae_candidates(config.vae, True))}  # in the order `build` builds them
+    opened = []
     with contextlib.ExitStack() as stack:
-        opened = []
         for part, (model, candidates) in parts.items():
             path = _component_file(folder, part)
             file = stack.enter_context(open_checkpoint(path))
             used: set[str] = set()
             opened.append((model, _getter(file, candidates, used), path, file, used))
-        with filled_on_build([(model, get, path) for model, get, path, _, _ in opened]):
-            build(models)
+        stack.pop_all()  # the filling closes them
+    with filled_on_build([(model, get, path) for model, get, path, _, _ in opened],
+                         [file for *_, file, _ in opened]) as filling:
+        build(models)
         for _, _, path, file, used in opened:
             extra = [k for k in file.keys() if k not in used and not IGNORED.match(k)]
             if extra:
                 raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+    models.filling = filling
     return models
