@@ -196,7 +196,7 @@ class StableDiffusion:
         """The UNet as one compiled call, traced once per input shape (static shapes; XLA with jit_compile)."""
         unet = self._models.unet
         fn = self._compile("unet", lambda x, t, c: ops.cast(unet(x, t, c), "float32"), self.jit_compile)
-        if self._models.filling is not None and not self._models.filling.done(unet):
+        if not self._models.loaded(unet):
             fn.get_concrete_function(latents, timesteps, context)  # traces while the weights are still read
         self._models.wait(unet)
         return fn(latents, timesteps, context).numpy()

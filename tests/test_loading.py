@@ -157,7 +157,7 @@ def test_from_pretrained_returns_while_the_unet_is_still_read(checkpoints, monke
     monkeypatch.setattr(TensorFile, "get", get)
     try:
         pipe = StableDiffusion.from_pretrained(checkpoints["safetensors"])
-        assert not pipe._models.filling.done(pipe._models.unet)
+        assert not pipe._models.loaded(pipe._models.unet)
         context = pipe.encode_prompt(["a cat", ""])  # needs only the text encoder, read first
     finally:
         unet_read.set()

@@ -45,6 +45,10 @@ class Models:
         if self.filling is not None:
             self.filling.wait(network)
 
+    def loaded(self, network=None) -> bool:
+        """Whether `network` (or all) holds its tensors, or its reading has stopped: `wait` will not block."""
+        return self.filling is None or self.filling.done(network)
+
 
 def make_models(config: ModelConfig, dtype="float32") -> Models:
     """The three networks, not built yet (no variables): `build` creates them."""
