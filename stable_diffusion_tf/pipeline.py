@@ -108,18 +108,19 @@ class StableDiffusion:
 
     @property
     def text_encoder(self):
-        self._models.wait(self._models.text_encoder)
-        return self._models.text_encoder
+        return self._ready(self._models.text_encoder)
 
     @property
     def unet(self):
-        self._models.wait(self._models.unet)
-        return self._models.unet
+        return self._ready(self._models.unet)
 
     @property
     def vae(self):
-        self._models.wait(self._models.vae)
-        return self._models.vae
+        return self._ready(self._models.vae)
+
+    def _ready(self, network):
+        self._models.wait(network)
+        return network
 
     # -- the building blocks -------------------------------------------------------------------------------
 

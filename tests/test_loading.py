@@ -164,7 +164,8 @@ def test_from_pretrained_returns_while_the_unet_is_still_read(checkpoints, monke
     monkeypatch.setattr(TensorFile, "get", real_get)
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     expected = StableDiffusion.from_pretrained(checkpoints["safetensors"])
-    np.testing.assert_array_equal(pipe.predict_noise(latents, 10, context), expected.predict_noise(latents, 10, context))
+    np.testing.assert_array_equal(pipe.predict_noise(latents, 10, context),
+                                  expected.predict_noise(latents, 10, context))
     np.testing.assert_array_equal(context, expected.encode_prompt(["a cat", ""]))
     pipe._models.wait()
     assert _reader_threads_end()
