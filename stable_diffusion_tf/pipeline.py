@@ -199,7 +199,7 @@ class StableDiffusion:
         fn = self._compile("unet", lambda x, t, c: ops.cast(unet(x, t, c), "float32"), self.jit_compile)
         if not self._models.loaded(unet):
             fn.get_concrete_function(latents, timesteps, context)  # traces while the weights are still read
-        self._models.wait(unet)
+        self._ready(unet)
         return fn(latents, timesteps, context).numpy()
 
     # -- generation ----------------------------------------------------------------------------------------

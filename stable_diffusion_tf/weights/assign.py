@@ -111,20 +111,22 @@ class Filling:
     def _start(self, plan: list[tuple]) -> None:
         """Every variable exists: read the tensors in the background (after the build, which they would slow).
 
-        `plan`: (model, leaf, param, name, get, slot) per variable, `slot` holding the variable."""
+        `plan`: (model, leaf, param, name, slot) per variable, `slot` holding (variable, read)."""
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
-        for model, leaf, param, full, get, slot in plan:
-            self._tasks.setdefault(id(model), []).append(reader.submit(self._fill, leaf, param, full, get, slot))
+        for model, leaf, param, _, slot in plan:
+            self._tasks.setdefault(id(model), []).append(reader.submit(self._fill, leaf, param, slot))
         reader.submit(self.close)
         reader.shutdown(wait=False)
 
-    def _fill(self, leaf, param: str, full: str, get: Getter, slot: Future) -> None:
+    def _fill(self, leaf, param: str, slot: Future) -> None:
         if self._error is not None:
             raise self._error
         try:
-            _, _, read = get(full)
-            tensor = _to_keras(leaf, param, _as_loaded(leaf, read()), leaf.dtype_policy.variable_dtype)
-            slot.result().assign(tensor)  # the empty variable adopts the tensor (no copy)
+            variable, read = slot.result()
+            value = read()
+            value = value.reshape(_loaded_shape(leaf, value.shape))
+            tensor = _to_keras(leaf, param, value, leaf.dtype_policy.variable_dtype)
+            variable.assign(tensor)  # the empty variable adopts the tensor (no copy)
         except BaseException as error:
             self._error = error
             raise
@@ -163,13 +165,13 @@ def filled_on_build(parts: list[tuple[keras.Model, Getter, str]], files=()) -> I
             for name, leaf in leaf_layers(model).items():
                 for param in _params(leaf):
                     full, slot = f"{name}.{param}", Future()  # the builder hands the variable over in `slot`
-                    plan.append((model, leaf, param, full, get, slot))
+                    plan.append((model, leaf, param, full, slot))
                     for attr in INITIALIZERS[param]:
                         if hasattr(leaf, attr):
                             setattr(leaf, attr, _initializer(leaf, param, full, get, where, slot))
         with tf.variable_creator_scope(_empty_variables):
             yield filling
-        unmade = [full for *_, full, _, slot in plan if not slot.done()]  # a layer left unbuilt, say
+        unmade = [full for *_, full, slot in plan if not slot.done()]  # a layer left unbuilt, say
         if unmade:
             raise RuntimeError(f"variables not made for their tensors by the build call: {unmade[:3]}")
     except BaseException:
@@ -189,19 +191,17 @@ def _params(leaf) -> tuple[str, ...]:
                  and (p == "weight" or getattr(leaf, "use_bias", True)))
 
 
-def _squeezes(leaf, shape: tuple) -> bool:
-    """1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense."""
-    return isinstance(leaf, keras.layers.Dense) and len(shape) == 4 and shape[2:] == (1, 1)
-
-
-def _as_loaded(leaf, value: np.ndarray) -> np.ndarray:
-    return value[:, :, 0, 0] if _squeezes(leaf, value.shape) else value
+def _loaded_shape(leaf, shape) -> tuple:
+    """A file shape as it loads: 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense."""
+    shape = tuple(shape)
+    return shape[:2] if isinstance(leaf, keras.layers.Dense) and len(shape) == 4 and shape[2:] == (1, 1) else shape
 
 
 class _Empty(NamedTuple):
-    """What an initializer gives inside `filled_on_build`: make the variable empty and hand it to `slot`."""
+    """What an initializer gives inside `filled_on_build`: make the variable empty, hand (it, read) to `slot`."""
 
     shape: tuple
+    read: Callable[[], np.ndarray]
     slot: Future
 
 
@@ -213,19 +213,18 @@ def _empty_variables(next_creator, **kwargs):
         return next_creator(**{**kwargs, "initial_value": value})
     variable = UninitializedVariable(shape=value.shape, dtype=kwargs.get("dtype"), name=kwargs.get("name"),
                                      trainable=kwargs.get("trainable"))
-    value.slot.set_result(variable)
+    value.slot.set_result((variable, value.read))
     return variable
 
 
 def _initializer(leaf, param: str, full: str, get: Getter, where: str, slot: Future):
     def initialize(shape, dtype=None):
         try:
-            key, raw_shape, _ = get(full)
+            key, raw_shape, read = get(full)
         except KeyError as missing:
             raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
         expected = _torch_shape(leaf, param, shape)
-        loaded_shape = tuple(raw_shape[:2]) if _squeezes(leaf, tuple(raw_shape)) else tuple(raw_shape)
-        if loaded_shape != expected:
+        if _loaded_shape(leaf, raw_shape) != expected:
             raise CheckpointError(f"{where}: tensor {key} has shape {tuple(raw_shape)}, expected {expected}")
-        return _Empty(tuple(shape), slot)
+        return _Empty(tuple(shape), read, slot)
     return initialize
