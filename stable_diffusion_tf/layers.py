@@ -29,15 +29,49 @@ def build_leaf(layer: keras.layers.Layer, channels: int, rank: int = 4) -> None:
     layer.build((None,) * (rank - 1) + (channels,))
 
 
-def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> keras.layers.Conv2D:
+def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> Conv2D:
     """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly).
 
     Kernels start at zero here and in `dense`: every weight comes from a checkpoint, and random
     initialisation of a billion parameters would be most of the load time.
     """
     padding = "same" if strides == 1 else "valid"
-    return keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype,
-                               kernel_initializer="zeros")
+    return Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype,
+                  kernel_initializer="zeros")
+
+
+class Conv2D(keras.layers.Conv2D):
+    """keras Conv2D that convolves through `conv2d` (a matmul where the kernel outweighs the patches)."""
+
+    def convolution_op(self, inputs, kernel):
+        return conv2d(inputs, kernel, self.padding, self.strides[0])
+
+
+def conv2d(x, kernel, padding: str = "same", stride: int = 1):
+    """Convolution of channels-last x; one matmul over its patches when they are smaller than the kernel.
+
+    oneDNN copies a convolution's kernel into its own blocked layout on every call. For the SD UNet's
+    1280-channel convolutions at 16x16 and 8x8 that copy (59-118 MB in float32, fresh pages each time) costs
+    more than the convolution. When the output has fewer positions than the kernel has filters, the kh*kw
+    shifted views of x stacked as channels (in the kernel's (kh, kw, in) order) are smaller than the kernel,
+    and one matmul with the kernel reshaped to (kh*kw*in, out) reads it as it is. Same numbers up to float
+    rounding. "same" is only used with stride 1 here, padded as TensorFlow pads it (an even kernel's extra
+    row and column at the end).
+    """
+    b, h, w, c = x.shape
+    kh, kw, _, out = kernel.shape
+    same = padding == "same"
+    if not same and None not in (h, w):
+        h, w = (h - kh) // stride + 1, (w - kw) // stride + 1
+    if None in (b, h, w) or (same and stride != 1) or b * h * w >= out:
+        return ops.conv(x, kernel, strides=stride, padding=padding)
+    if same:
+        x = ops.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    views = [x[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
+             for i in range(kh) for j in range(kw)]
+    patches = ops.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+    y = ops.matmul(ops.reshape(patches, (b * h * w, kh * kw * c)), ops.reshape(kernel, (kh * kw * c, out)))
+    return ops.reshape(y, (b, h, w, out))
 
 
 def dense(units: int, name: str, dtype, use_bias: bool = True) -> keras.layers.Dense:
@@ -360,7 +394,8 @@ class Upsample2D(Block):
         outputs = []
         for p in (0, 1):
             k_rows = _fold_taps(kernel, 0, p)
-            outputs += [ops.conv(x[:, p:p + h + 1, q:q + w + 1], ops.cast(_fold_taps(k_rows, 1, q), x.dtype))
+            outputs += [conv2d(x[:, p:p + h + 1, q:q + w + 1], ops.cast(_fold_taps(k_rows, 1, q), x.dtype),
+                               "valid")
                         for q in (0, 1)]
         bias = ops.tile(ops.cast(self.conv.bias, x.dtype), (4,))
         return tf.nn.depth_to_space(ops.concatenate(outputs, axis=-1) + bias, 2)

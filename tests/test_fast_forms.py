@@ -55,6 +55,25 @@ def test_folded_upsample_conv_equals_conv_of_nearest_upsample(shape):
     assert np.asarray(up(x, size=odd)).shape[1:3] == odd
 
 
+@pytest.mark.parametrize("shape, kernel, out, padding, stride", [
+    ((2, 4, 4, 24), 3, 40, "same", 1), ((1, 3, 5, 8), 3, 20, "same", 1), ((2, 5, 5, 8), 2, 64, "valid", 1),
+    ((2, 4, 4, 8), 2, 40, "same", 1), ((1, 9, 9, 8), 3, 20, "valid", 2), ((1, 10, 10, 8), 3, 20, "valid", 2),
+    ((2, 3, 3, 16), 1, 20, "same", 1), ((2, 8, 8, 8), 3, 16, "same", 1)])
+def test_convolution_as_one_matmul_equals_the_convolution(monkeypatch, shape, kernel, out, padding, stride):
+    """conv2d: patches times the reshaped kernel where the output has fewer positions than filters."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, shape[-1], out)).astype(np.float32)
+    expected = np.asarray(ops.conv(x, w, strides=stride, padding=padding))
+    matmuls = []
+    monkeypatch.setattr(layers.ops, "matmul", lambda a, b: matmuls.append(a.shape) or ops.numpy.matmul(a, b))
+    got = np.asarray(layers.conv2d(ops.convert_to_tensor(x), ops.convert_to_tensor(w), padding, stride))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    positions = int(np.prod(expected.shape[:3]))
+    assert matmuls == ([(positions, kernel * kernel * shape[-1])] if positions < out else [])
+
+
 @pytest.fixture(scope="module")
 def pipes(checkpoints):
     return (StableDiffusion.from_pretrained(checkpoints["safetensors"]),
