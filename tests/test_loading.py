@@ -3,11 +3,15 @@
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reference import compvis_state, text_encoder_state
@@ -197,3 +201,36 @@ def test_a_read_error_after_from_pretrained_returns_is_raised_at_first_use(check
                      "--H", "64", "--W", "64", "--steps", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot read" in err[0] and not output.exists()
+
+
+EXIT_DURING_READING = """
+import sys, time
+from stable_diffusion_tf import StableDiffusion
+from stable_diffusion_tf.weights import names
+from stable_diffusion_tf.weights.formats import TensorFile
+
+real_get = TensorFile.get
+def get(self, key, scratch=False):  # a slow disk: the UNet's tensors alone would take minutes to come in
+    if key.startswith(names.UNET_PREFIX):
+        time.sleep(0.5)
+    return real_get(self, key, scratch)
+TensorFile.get = get
+pipe = StableDiffusion.from_pretrained(sys.argv[1])
+print("returned", flush=True)
+"""
+
+
+def test_exiting_while_the_reader_is_at_work_does_not_wait_for_the_queued_tensors(checkpoints):
+    """A script that ends (or a Ctrl-C, or an error) mid-load exits after the tensor being read, not after all."""
+    with safe_open(checkpoints["safetensors"], "np") as f:
+        unet_tensors = sum(key.startswith(names.UNET_PREFIX) for key in f.keys())
+    assert unet_tensors * 0.5 > 60  # reading them all would take over a minute
+    process = subprocess.Popen([sys.executable, "-c", EXIT_DURING_READING, checkpoints["safetensors"]],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "returned"
+        returned = time.monotonic()
+        assert process.wait(timeout=120) == 0
+        assert time.monotonic() - returned < 15
+    finally:
+        process.kill()

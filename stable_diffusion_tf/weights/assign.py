@@ -9,6 +9,7 @@ torch Conv2d (out, in, kh, kw) -> Conv2D (kh, kw, in, out).
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -94,13 +95,27 @@ def _moves_data(shape, perm) -> bool:
 Getter = Callable[[str], tuple[str, tuple, Callable[[], np.ndarray]]]
 
 
+_READERS: set[ThreadPoolExecutor] = set()  # background readers with tensors still queued
+
+
+def _cancel_readers() -> None:
+    """At interpreter exit (an error, Ctrl-C, the end of a script): the queued reads are dropped, not run."""
+    for reader in list(_READERS):
+        reader.shutdown(wait=False, cancel_futures=True)
+
+
+# runs before the interpreter joins the reader threads: those atexit hooks run last-registered first, and
+# concurrent.futures' own (which joins them) was registered when ThreadPoolExecutor was imported above
+threading._register_atexit(_cancel_readers)
+
+
 class Filling:
     """Checkpoint tensors on their way into the variables of the models built inside `filled_on_build`.
 
     Once every variable exists, one background thread reads each tensor, converts it (layout, dtype) and
     assigns it to its variable, in build order, then closes the files. `wait(model)` blocks until that
     model's variables (or, with no model, all of them) hold their tensors, and raises the error that
-    stopped the reading, if any.
+    stopped the reading, if any. When the interpreter exits mid-read, the tensors still queued are dropped.
     """
 
     def __init__(self, files) -> None:
@@ -113,9 +128,10 @@ class Filling:
 
         `plan`: (model, leaf, param, name, slot) per variable, `slot` holding (variable, read)."""
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
+        _READERS.add(reader)
         for model, leaf, param, _, slot in plan:
             self._tasks.setdefault(id(model), []).append(reader.submit(self._fill, leaf, param, slot))
-        reader.submit(self.close)
+        reader.submit(lambda: (self.close(), _READERS.discard(reader)))
         reader.shutdown(wait=False)
 
     def _fill(self, leaf, param: str, slot: Future) -> None:
