@@ -16,8 +16,8 @@ def test_chunked_attention_equals_one_block(monkeypatch):
     whole = [np.asarray(layers.attention(q, k, v, 4)), np.asarray(layers.attention(q, k, v, 4, bias=causal))]
     monkeypatch.setattr(layers, "MAX_SCORES", 4 * 300 * 7)  # 7 query rows per chunk: 43 chunks, the last short
     chunked = [np.asarray(layers.attention(q, k, v, 4)), np.asarray(layers.attention(q, k, v, 4, bias=causal))]
-    for a, b in zip(whole, chunked):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(whole, chunked):  # same sums, chunked in another order: float32 rounding apart
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
