@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import platform
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -227,11 +228,7 @@ def worker(args) -> None:
     start = time.perf_counter()
     pipe = (load_ours if args.worker == "ours" else load_diffusers)(paths, args.precision)
     load_seconds = time.perf_counter() - start
-    read = {}  # ours returns while the tensors are still read in the background: when were they all in?
-    if args.worker == "ours":
-        watcher = threading.Thread(target=lambda: (pipe._models.wait(), read.setdefault("s", time.perf_counter())))
-        watcher.start()
-    read_start, start = start, time.perf_counter()
+    start = time.perf_counter()
     if args.worker == "ours":
         pipe.text_to_image("a photo", height=args.size, width=args.size, num_inference_steps=args.steps,
                            sampler="dpm++2m", seed=0, output_type="np")
@@ -243,11 +240,7 @@ def worker(args) -> None:
         with torch.no_grad():
             pipe("a photo", height=args.size, width=args.size, num_inference_steps=args.steps, output_type="np")
     image_seconds = time.perf_counter() - start  # the first image: ours traces its compiled calls here
-    if args.worker == "ours":
-        watcher.join()
-    read_seconds = read.get("s", start) - read_start  # diffusers: its from_single_file memory-maps the file
-    print(json.dumps({"load_s": load_seconds, "read_s": read_seconds, "image_s": image_seconds,
-                      "peak_gb": peak_rss_gb()}))
+    print(json.dumps({"load_s": load_seconds, "image_s": image_seconds, "peak_gb": peak_rss_gb()}))
 
 
 def peak_rss_gb() -> float:
@@ -278,8 +271,6 @@ def isolated(paths: dict, precision: str, size: int, steps: int) -> list[tuple[s
         warm_page_cache(paths["safetensors"])
         results[who] = in_subprocess(who, paths, precision, size, steps)
     return [(f"load single file [{precision}] (s)", results["ours"]["load_s"], results["diffusers"]["load_s"]),
-            (f"  ours: until every tensor is read [{precision}] (s)", results["ours"]["read_s"],
-             results["diffusers"]["read_s"]),
             (f"first image after the load [{precision}] (s)", results["ours"]["image_s"],
              results["diffusers"]["image_s"]),
             (f"peak RSS, load + whole image [{precision}] (GB)", results["ours"]["peak_gb"],
@@ -315,8 +306,11 @@ def main() -> None:
 
     precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
     repeats = 1 if args.quick else args.repeats
-    print(f"machine: {os.cpu_count()} cores; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"torch {torch.__version__}; image {args.size}x{args.size}")
+    print(machine())
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, torch {torch.__version__}, "
+          f"diffusers {importlib.metadata.version('diffusers')}; image {args.size}x{args.size}")
+    print(f"float32 matmul 4096x4096: TensorFlow {matmul_gflops('tensorflow'):.0f} GFLOP/s, "
+          f"torch {matmul_gflops('torch'):.0f}, NumPy {matmul_gflops('numpy'):.0f}")
     with contextlib.ExitStack() as stack:
         directory = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         paths = checkpoint_in(directory, args.quick)
@@ -328,6 +322,45 @@ def main() -> None:
             report("diffusers", rows)
             if args.kerascv and args.only != "memory":
                 report("KerasCV", in_subprocess("kerascv", paths, precision, args.size, args.steps, repeats))
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine() -> str:
+    """CPU model, the flags that decide which kernels run, and the core count."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    have = [flag for flag in CPU_FLAGS if flag in flags]
+    return f"CPU: {model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+
+
+def matmul_gflops(library: str, n: int = 4096, repeats: int = 3) -> float:
+    """The best float32 n x n matmul rate of one library here: the ceiling a convolution-heavy step runs against."""
+    import numpy as np
+
+    a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in (0, 1))
+    if library == "tensorflow":
+        import tensorflow as tf
+
+        a, b = tf.constant(a), tf.constant(b)
+        run = lambda: tf.linalg.matmul(a, b).numpy()  # noqa: E731
+    elif library == "torch":
+        import torch
+
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        run = lambda: torch.mm(a, b)  # noqa: E731
+    else:
+        run = lambda: a @ b  # noqa: E731
+    run()
+    best = min(timed(run) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
 
 
 def report(reference: str, rows: list[tuple[str, float, float]]) -> None:

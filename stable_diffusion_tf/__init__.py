@@ -1,10 +1,11 @@
 """Stable Diffusion (latent diffusion, Rombach et al. 2022) in Keras 3."""
 
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
-from .errors import CheckpointError, InputError, OutputError, StableDiffusionError, UnsupportedModelError
+from .errors import (CheckpointError, InputError, OutputError, StableDiffusionError, StableDiffusionWarning,
+                     UnsupportedModelError)
 
-__all__ = ["StableDiffusion", "ModelConfig", "CLIPConfig", "UNetConfig", "VAEConfig",
-           "StableDiffusionError", "CheckpointError", "UnsupportedModelError", "InputError", "OutputError"]
+__all__ = ["StableDiffusion", "ModelConfig", "CLIPConfig", "UNetConfig", "VAEConfig", "StableDiffusionError",
+           "StableDiffusionWarning", "CheckpointError", "UnsupportedModelError", "InputError", "OutputError"]
 
 
 def __getattr__(name: str):

@@ -3,30 +3,36 @@ and inpaint, sharing their flags, checks, output files and progress bar.
 
 Every flag (and the input image and mask) is checked before TensorFlow is imported or weights are loaded; a
 bad one gives one `text2image: error:` (`img2img: error:`, `inpaint: error:`) line on stderr and exit code 2,
-and no file is written. Status goes to stderr, the written paths and seeds to stdout. Set
-TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's own logs.
+and no file is written. Status goes to stderr, one line per stage (loading, preparing the compiled step,
+the denoising bar, decoding), the written paths and seeds to stdout; `--quiet` keeps stderr empty on
+success. The library's warnings come as one `text2image: warning:` line each; TensorFlow's, absl's and
+Keras' own output is hidden (set TF_CPP_MIN_LOG_LEVEL=0 to see it).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import os
 import sys
+import time
+import warnings
 
-from .errors import StableDiffusionError
-from .hub import looks_like_repo_id  # os and re only
-from .images import load_image, load_image_and_mask  # numpy and PIL only, as the next two
+# numpy and PIL only, all of them: TensorFlow is imported after the flags are checked
+from .checks import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+from .errors import StableDiffusionError, StableDiffusionWarning
+from .hub import looks_like_repo_id, resolve
+from .images import load_image, load_image_and_mask
 from .output import check_output_path, numbered_paths, save_png
-from .samplers import SAMPLERS  # numpy only: TensorFlow is imported after the flags are checked
+from .precision import PRECISIONS, mixed
+from .samplers import SAMPLERS
+from .schedules import PREDICTION_TYPES
 
 DESCRIPTIONS = {"text2image": "Generate images from a text prompt with Stable Diffusion (TensorFlow).",
                 "img2img": "Redraw an image guided by a text prompt with Stable Diffusion (TensorFlow).",
                 "inpaint": "Repaint the white part of a mask over an image with Stable Diffusion (TensorFlow)."}
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-MAX_SEED = 2**32 - 1
-MAX_BATCH = 64
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -75,9 +81,10 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--output", default="output.png", help="PNG file to write (default: output.png)")
     if mode == "text2image":
-        p.add_argument("--H", type=_int_in(64, 2048, 8), default=None,
+        size = _int_in(MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE)
+        p.add_argument("--H", type=size, default=None,
                        help="image height, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
-        p.add_argument("--W", type=_int_in(64, 2048, 8), default=None,
+        p.add_argument("--W", type=size, default=None,
                        help="image width, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
     else:
         p.add_argument("--init-image", "--image", dest="image", required=True, metavar="PATH",
@@ -91,7 +98,7 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
                        help="same size as the image: white is repainted, black kept, grey partly "
                             "(a mask with transparency: its alpha channel)")
         p.add_argument("--mask-blur", type=_int_in(0, 64), default=0, help="feather the mask, in pixels (default: 0)")
-    p.add_argument("--steps", type=_int_in(1, 1000), default=50, help="denoising steps (default: 50)")
+    p.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=50, help="denoising steps (default: 50)")
     p.add_argument("--scale", type=_float_in(0), default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None,
                    help="random seed; image i of a batch uses seed + i (default: random)")
@@ -100,17 +107,19 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="a .safetensors/.ckpt file, a diffusers folder or a Hub repo id "
                         "(default: Stable Diffusion 1.5 from the Hugging Face Hub)")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="what the model predicts, for single files that do not say (default: v_prediction for "
                         "SD 2.x files, epsilon otherwise; a diffusers folder's scheduler config)")
     precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--precision", choices=PRECISIONS, default=None, help="compute precision (default: float32)")
+    precision.add_argument("--precision", choices=PRECISIONS, default=None,
+                           help="compute precision (default: float32; bfloat16 and float16 mean the mixed forms)")
     precision.add_argument("--mp", action="store_true",
                            help="mixed precision: mixed_float16 on a GPU, mixed_bfloat16 on CPU")
     p.add_argument("--jit", action="store_true",
                    help="compile the UNet with XLA (slow first step; on CPU faster in float32, slower in bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no status messages")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, status messages or warnings: stderr stays empty unless there is an error")
     return p
 
 
@@ -155,32 +164,43 @@ def inpaint(argv: list[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace, paths: list[str]) -> int:
     """Loads the model, runs the mode's generation and writes the files; argument checks are done."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    say = (lambda message: None) if args.quiet else (lambda message: _say(message, args.mode))
     if args.quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
-    with _native_stderr_hidden(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"):
+    if args.weights is None or not os.path.exists(os.path.expanduser(args.weights)):
+        say(f"finding {args.weights or 'Stable Diffusion 1.5'} on the Hugging Face Hub")
+    source = resolve(args.weights)  # before TensorFlow is imported: offline, the answer comes at once
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
+            _warnings_as_lines(args.mode, shown=not args.quiet):
         import tensorflow as tf
 
         from . import StableDiffusion
-    precision = args.precision or "float32"
-    if args.mp:
-        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-    if not args.quiet:
-        source = args.weights or "the Hugging Face Hub (Stable Diffusion 1.5)"
-        print(f"{args.mode}: loading weights from {source} ({precision})", file=sys.stderr, flush=True)
-    pipe = StableDiffusion.from_pretrained(args.weights, precision=precision, jit_compile=args.jit,
-                                           prediction_type=args.prediction_type)
-    with _progress_bar(enabled=not args.quiet) as callback:
-        common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.scale,
-                      sampler=args.sampler, seed=args.seed, batch_size=args.batch, output_type="pil",
-                      callback=callback)
-        if args.mode == "img2img":
-            result = pipe.image_to_image(args.prompt, args.image, strength=args.strength, **common)
-        elif args.mode == "inpaint":
-            result = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
-                                  mask_blur=args.mask_blur, **common)
+
+        precision = args.precision or "float32"
+        if args.mp:
+            precision = mixed(bool(tf.config.list_physical_devices("GPU")))
+        say(f"loading weights from {source} ({precision})")
+        pipe = StableDiffusion.from_pretrained(source, precision=precision, jit_compile=args.jit,
+                                               prediction_type=args.prediction_type)
+        if args.mode == "text2image":
+            height, width = args.H or pipe.default_size, args.W or pipe.default_size
         else:
-            result = pipe.text_to_image(args.prompt, height=args.H, width=args.W, **common)
+            height, width = args.image.shape[:2]
+        start = time.perf_counter()
+        pipe.prepare(height, width, args.batch, args.scale)
+        say(f"prepared the compiled step for {width}x{height} in {time.perf_counter() - start:.1f} s")
+        with _progress_bar(args.mode, enabled=not args.quiet) as callback:
+            common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                          guidance_scale=args.scale, sampler=args.sampler, seed=args.seed, batch_size=args.batch,
+                          output_type="pil", callback=callback)
+            if args.mode == "img2img":
+                result = pipe.image_to_image(args.prompt, args.image, strength=args.strength, **common)
+            elif args.mode == "inpaint":
+                result = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
+                                      mask_blur=args.mask_blur, **common)
+            else:
+                result = pipe.text_to_image(args.prompt, height=height, width=width, **common)
     written = [save_png(image, path, parameters, overwrite=args.overwrite)
                for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
     print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))
@@ -206,46 +226,93 @@ def _weights_problem(source: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool):
-    """A text_to_image callback that draws a tqdm bar over the denoising steps on stderr (None when disabled)."""
+def _progress_bar(prog: str, enabled: bool):
+    """A generation callback drawing a tqdm bar over the denoising steps on stderr (None when disabled).
+
+    The bar closes after the last step, before the decode, which gets its own status line: the bar's
+    s/step is the denoising alone.
+    """
     if not enabled:
         yield None
         return
     from tqdm import tqdm
 
-    bars = []
+    bar = None
 
     def callback(step, total_steps, latents):
-        if not bars:
-            bars.append(tqdm(total=total_steps, desc="denoising", unit="step", file=sys.stderr))
-        bars[0].update(1)
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total_steps, desc=f"{prog}: denoising", unit="step", file=sys.stderr)
+        bar.update(1)
+        if step + 1 == total_steps:
+            bar.close()
+            _say("decoding", prog)
 
     try:
         yield callback
     finally:
-        for bar in bars:
+        if bar is not None:
             bar.close()
 
 
 @contextlib.contextmanager
-def _native_stderr_hidden(enabled: bool):
-    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ logs before absl is set up ignore TF_CPP_MIN_LOG_LEVEL."""
+def _library_output_only(enabled: bool):
+    """Sends file descriptor 2 (where TensorFlow's C++ logs go, whatever TF_CPP_MIN_LOG_LEVEL says before absl
+    is set up, and CUDA's cuInit complaints) to /dev/null, while `sys.stderr` keeps writing to the terminal.
+    TensorFlow's and absl's Python loggers are set to errors only."""
     if not enabled:
         yield
         return
+    import logging
+
+    for name in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no stderr to hide
         yield
         return
+    stream = sys.stderr
     try:
+        if _fileno(stream) == 2:  # the usual case: our own messages go on through a copy of the terminal's fd
+            sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(saved), "w"), line_buffering=True,
+                                          encoding=stream.encoding, errors="backslashreplace")
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+        if sys.stderr is not stream:
+            sys.stderr.close()
+            sys.stderr = stream
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str, shown: bool = True):
+    """The library's warnings (StableDiffusionWarning) as one `prog: warning: ...` line each (none if not
+    `shown`); the warnings of the libraries under it (TensorFlow, Keras, NumPy) are not shown."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if shown and issubclass(category, StableDiffusionWarning):
+            print(f"{prog}: warning: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", StableDiffusionWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _say(message: str, prog: str) -> None:
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
 
 def _print_error(message: str, prog: str) -> None:

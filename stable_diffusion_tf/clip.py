@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from .config import CLIPConfig
-from .layers import Block, attention, build_leaf, dense, layer_norm
+from .layers import Block, attention, build_leaf, dense, embedding, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -20,12 +20,9 @@ class CLIPEmbeddings(Block):
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
-        self.token_embedding = keras.layers.Embedding(config.vocab_size, config.hidden_size,
-                                                      embeddings_initializer="zeros",
-                                                      name="token_embedding", dtype=dt)
-        self.position_embedding = keras.layers.Embedding(config.max_position_embeddings, config.hidden_size,
-                                                         embeddings_initializer="zeros",
-                                                         name="position_embedding", dtype=dt)
+        self.token_embedding = embedding(config.vocab_size, config.hidden_size, "token_embedding", dt)
+        self.position_embedding = embedding(config.max_position_embeddings, config.hidden_size,
+                                            "position_embedding", dt)
 
     def build(self, input_shape=None):
         self.token_embedding.build()

@@ -101,6 +101,15 @@ class VAEConfig:
         return cls(**values)
 
 
+END_TOKEN_ID = 49407  # CLIP's end-of-text token, which SD 1.x also pads prompts with
+OPEN_CLIP_PAD_TOKEN_ID = 0  # SD 2.x pads with 0, the token "!", as OpenCLIP and the SD 2.x tokenizer folders do
+
+
+def pad_token_id(family: str) -> int:
+    """The token that pads a family's prompts to 77."""
+    return OPEN_CLIP_PAD_TOKEN_ID if family.startswith("sd2") else END_TOKEN_ID
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The three networks of one Stable Diffusion model, and the token that pads its prompts."""
@@ -109,7 +118,7 @@ class ModelConfig:
     text_encoder: CLIPConfig
     unet: UNetConfig
     vae: VAEConfig
-    pad_token_id: int = 49407  # SD 1.x pads with the end token; SD 2.x (OpenCLIP) with 0, the token "!"
+    pad_token_id: int = END_TOKEN_ID  # see `pad_token_id`
 
 
 SD1 = ModelConfig("sd1", CLIPConfig(), UNetConfig(), VAEConfig())
@@ -121,5 +130,5 @@ SD2 = ModelConfig(
     UNetConfig(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
                upcast_attention=True),
     VAEConfig(),
-    pad_token_id=0,
+    pad_token_id=OPEN_CLIP_PAD_TOKEN_ID,
 )

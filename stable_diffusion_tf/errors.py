@@ -19,3 +19,7 @@ class InputError(StableDiffusionError, ValueError):
 
 class OutputError(StableDiffusionError):
     """An output file that cannot be written (bad path, existing file, full disk, read-only directory)."""
+
+
+class StableDiffusionWarning(UserWarning):
+    """Something the user should know that does not stop the work (a prompt cut to 77 tokens, ignored tensors)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+from urllib.parse import urlparse
 
 from .errors import CheckpointError
 
@@ -13,6 +15,7 @@ DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
 FOLDER_PATTERNS = ["*/config.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.safetensors",
                    "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+CONNECT_TIMEOUT = 5.0  # seconds to reach the Hub before giving up (huggingface_hub itself retries for ~25 s)
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -22,25 +25,49 @@ def looks_like_repo_id(source: str) -> bool:
 
 
 def resolve(source: str | os.PathLike | None) -> str:
-    """A local path for `source`; None means the SD 1.5 single file from the Hub, cached by huggingface_hub."""
+    """A local path for `source`; None means the SD 1.5 single file from the Hub, cached by huggingface_hub.
+
+    A Hub model already in the cache is used without going online. Otherwise the Hub must answer within
+    CONNECT_TIMEOUT seconds, so that a machine without network gets its answer at once.
+    """
     if source is not None:
         path = os.path.expanduser(os.fspath(source))
         if os.path.exists(path):
             return path
         if not looks_like_repo_id(path):
             raise CheckpointError(f"{path}: no such file or directory")
-    try:
-        import huggingface_hub
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise CheckpointError("huggingface_hub is not installed; pass a local checkpoint file") from None
-    try:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    what = f"{DEFAULT_REPO}/{DEFAULT_FILE}" if source is None else os.fspath(source)
+
+    def download(**kwargs) -> str:
         if source is None:
-            return huggingface_hub.hf_hub_download(DEFAULT_REPO, DEFAULT_FILE)
-        return huggingface_hub.snapshot_download(os.fspath(source), allow_patterns=FOLDER_PATTERNS)
-    except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way for the user
-        what = f"{DEFAULT_REPO}/{DEFAULT_FILE}" if source is None else os.fspath(source)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"could not download {what} from the Hugging Face Hub ({reason}); pass a local checkpoint instead, "
-            "e.g. --weights path/to/model.safetensors (a .safetensors/.ckpt file or a diffusers folder)"
-        ) from None
+            return huggingface_hub.hf_hub_download(DEFAULT_REPO, DEFAULT_FILE, **kwargs)
+        return huggingface_hub.snapshot_download(os.fspath(source), allow_patterns=FOLDER_PATTERNS, **kwargs)
+
+    try:
+        return download(local_files_only=True)
+    except Exception:  # not in the cache (or only part of it)
+        pass
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+    if reason is None:
+        try:
+            return download()
+        except Exception as e:  # unknown repo, gated, disk full: all end the same way for the user
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(
+        f"could not download {what} from the Hugging Face Hub ({reason}); pass a local checkpoint instead, "
+        "e.g. --weights path/to/model.safetensors (a .safetensors/.ckpt file or a diffusers folder)"
+    ) from None
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why the Hub's host cannot be reached (no network, no DNS, a firewall), or None when it answers."""
+    url = urlparse(endpoint)
+    host, port = url.hostname or endpoint, url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return None
+    except OSError as e:
+        return f"cannot reach {host}: {e.strerror or e}"

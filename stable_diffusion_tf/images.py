@@ -15,12 +15,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from .checks import MAX_SIZE as MAX_SIDE, MIN_SIZE, SIZE_MULTIPLE as MULTIPLE
 from .errors import InputError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard, checked from the header
-MAX_SIDE = 2048  # after snapping, as text_to_image's largest size
-MULTIPLE = 8  # the VAE's downsampling factor
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's convert("L")
 
@@ -187,8 +186,8 @@ def _snap(picture, what: str) -> np.ndarray:
     """Float32 array with both sides rounded down to a multiple of 8: diffusers' get_default_height_width + resize."""
     w, h = _size(picture)
     width, height = w - w % MULTIPLE, h - h % MULTIPLE
-    if min(width, height) < MULTIPLE or max(width, height) > MAX_SIDE:
-        raise InputError(f"{what} is {w}x{h}; each side must be between {MULTIPLE} and {MAX_SIDE} pixels "
+    if min(width, height) < MIN_SIZE or max(width, height) > MAX_SIDE:
+        raise InputError(f"{what} is {w}x{h}; each side must be between {MIN_SIZE} and {MAX_SIDE} pixels "
                          f"(after rounding down to a multiple of {MULTIPLE})")
     if isinstance(picture, Image.Image):
         if (width, height) != (w, h):

@@ -6,11 +6,45 @@ Attribute names equal checkpoint names (`norm1`, `conv1`, `to_q`, `to_out.0`, ..
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import keras
 import tensorflow as tf
 from keras import ops
+
+_EMPTY = contextvars.ContextVar("empty_weights", default=False)
+
+
+class Init(keras.initializers.Initializer):
+    """A Keras initializer (random or constant, as usual) that makes empty tensors inside `empty_weights()`."""
+
+    def __init__(self, initializer="glorot_uniform"):
+        self.initializer = keras.initializers.get(initializer)
+
+    def __call__(self, shape, dtype=None):
+        if _EMPTY.get():  # memory allocated, not written: the loader assigns every variable
+            return tf.raw_ops.Empty(shape=list(shape), dtype=tf.as_dtype(dtype or "float32"), init=False)
+        return self.initializer(shape, dtype=dtype)
+
+    def get_config(self):
+        return {"initializer": keras.initializers.serialize(self.initializer)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.initializers.deserialize(config["initializer"]))
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Layers built inside get variables without values (no random draw over a billion weights), for a
+    loader that assigns every one of them; outside, the same layers start from Keras' usual initial values."""
+    token = _EMPTY.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY.reset(token)
 
 
 class Block(keras.layers.Layer):
@@ -30,14 +64,10 @@ def build_leaf(layer: keras.layers.Layer, channels: int, rank: int = 4) -> None:
 
 
 def conv(filters: int, kernel: int, name: str, dtype, strides: int = 1) -> Conv2D:
-    """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly).
-
-    Kernels start at zero here and in `dense`: every weight comes from a checkpoint, and random
-    initialisation of a billion parameters would be most of the load time.
-    """
+    """A Conv2D that pads like torch's `padding=kernel//2` (only for stride 1; strided convs pad explicitly)."""
     padding = "same" if strides == 1 else "valid"
     return Conv2D(filters, kernel, strides=strides, padding=padding, name=name, dtype=dtype,
-                  kernel_initializer="zeros")
+                  kernel_initializer=Init("glorot_uniform"), bias_initializer=Init("zeros"))
 
 
 class Conv2D(keras.layers.Conv2D):
@@ -75,8 +105,14 @@ def conv2d(x, kernel, padding: str = "same", stride: int = 1):
 
 
 def dense(units: int, name: str, dtype, use_bias: bool = True) -> keras.layers.Dense:
-    """A Dense layer whose kernel starts at zero (see `conv`)."""
-    return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype, kernel_initializer="zeros")
+    """A Dense layer (torch Linear); its variables are made empty inside `empty_weights()`."""
+    return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype,
+                              kernel_initializer=Init("glorot_uniform"), bias_initializer=Init("zeros"))
+
+
+def embedding(count: int, dim: int, name: str, dtype) -> keras.layers.Embedding:
+    """An Embedding table (torch Embedding); its variable is made empty inside `empty_weights()`."""
+    return keras.layers.Embedding(count, dim, embeddings_initializer=Init("uniform"), name=name, dtype=dtype)
 
 
 class GroupNorm(keras.layers.GroupNormalization):
@@ -111,12 +147,14 @@ class GroupNorm(keras.layers.GroupNormalization):
 def group_norm(groups: int, eps: float, name: str, dtype, silu: bool = False) -> GroupNorm:
     """GroupNorm (statistics in float32, weights float32), then SiLU if `silu`; output in `dtype`'s compute dtype."""
     return GroupNorm(groups, eps, silu=silu, output_dtype=keras.dtype_policies.get(dtype).compute_dtype,
-                     name=name, dtype=_float32_policy(dtype))
+                     name=name, dtype=_float32_policy(dtype), gamma_initializer=Init("ones"),
+                     beta_initializer=Init("zeros"))
 
 
 def layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
     """LayerNorm over the last axis, statistics in float32."""
-    return keras.layers.LayerNormalization(epsilon=eps, name=name, dtype=_float32_policy(dtype))
+    return keras.layers.LayerNormalization(epsilon=eps, name=name, dtype=_float32_policy(dtype),
+                                           gamma_initializer=Init("ones"), beta_initializer=Init("zeros"))
 
 
 def _float32_policy(dtype):

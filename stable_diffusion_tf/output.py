@@ -6,9 +6,9 @@ import errno
 import os
 import secrets
 
-from PIL.PngImagePlugin import PngInfo
 
 from .errors import OutputError
+from .recipe import pnginfo
 
 # File systems without hard links (FAT, some network mounts) answer link() with one of these.
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -50,9 +50,7 @@ def save_png(image, path: str | os.PathLike, parameters: str | None = None, over
     On any failure, KeyboardInterrupt included, the temporary file is removed and `path` is untouched.
     """
     path = os.fspath(path)
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)  # tEXt when latin-1 encodable, else Pillow writes iTXt (UTF-8)
+    info = pnginfo(parameters)
     folder, name = os.path.split(path)
     try:
         fd, tmp = _create_temp(folder or ".", name)

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import InputError
 
 # sampler name -> the diffusers scheduler (built with `from_config(sd_config)`) whose loop it reproduces
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet predicts: the noise, or v (Salimans & Ho 2022)
 SCHEDULERS = {
     "ddim": "DDIMScheduler",  # eta = 0
     "plms": "PNDMScheduler",  # skip_prk_steps = True
@@ -42,15 +43,15 @@ class SchedulerConfig:
     steps_offset: int = 1
     timestep_spacing: str | None = None  # None: each scheduler's own diffusers default (see DEFAULT_SPACING)
     set_alpha_to_one: bool = False
-    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"; read by the denoiser (and by PLMS, see Schedule)
+    prediction_type: str = "epsilon"  # one of PREDICTION_TYPES; read by the denoiser (and by PLMS, see Schedule)
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not supported; use 'linear' or 'scaled_linear'")
         if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
             raise InputError(f"timestep_spacing {self.timestep_spacing!r} is not 'leading', 'linspace' or 'trailing'")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> SchedulerConfig:

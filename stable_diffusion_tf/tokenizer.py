@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .errors import InputError
+from .config import END_TOKEN_ID
+from .errors import InputError, StableDiffusionWarning
 
 DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(__file__), "data", "bpe_simple_vocab_16e6.txt.gz")
 BOS_TOKEN = "<|startoftext|>"
@@ -89,13 +90,13 @@ class CLIPTokenizer:
     """Stable Diffusion prompt tokenizer: `[start] + bpe(text)[:max_length-2] + [end] + padding`."""
 
     bos_token_id = 49406
-    eos_token_id = 49407
+    eos_token_id = END_TOKEN_ID
     vocab_size = 49408
 
     def __init__(
-        self, vocab_path: str | os.PathLike | None = None, max_length: int = 77, pad_token_id: int = 49407
+        self, vocab_path: str | os.PathLike | None = None, max_length: int = 77, pad_token_id: int = END_TOKEN_ID
     ) -> None:
-        """SD 1.x pads with the end token 49407, SD 2.x (open_clip) with 0."""
+        """`pad_token_id`: see `config.pad_token_id` (SD 1.x pads with the end token, SD 2.x with 0)."""
         if not isinstance(max_length, int) or max_length < 2:
             raise InputError(f"max_length must be an int >= 2, got {max_length!r}")
         if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < self.vocab_size:
@@ -135,7 +136,7 @@ class CLIPTokenizer:
             warnings.warn(
                 f"{len(dropped)} prompt(s) longer than {self.max_length} tokens (start and end included) truncated;"
                 f" dropped {sum(n for _, n in dropped)} token(s) ({detail})",
-                UserWarning,
+                StableDiffusionWarning,
                 stacklevel=2,
             )
         return out

@@ -2,8 +2,10 @@
 
 import errno
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -148,7 +150,7 @@ def _never_generate(args, paths):
 
 
 BAD_FLAGS = [
-    ["--H", "500"], ["--W", "56"], ["--H", "4096"], ["--W", "abc"], ["--steps", "0"], ["--steps", "1001"],
+    ["--H", "500"], ["--W", "4"], ["--H", "4096"], ["--W", "abc"], ["--steps", "0"], ["--steps", "1001"],
     ["--scale", "nan"], ["--scale", "-1"], ["--scale", "inf"], ["--scale", "x"], ["--sampler", "foo"],
     ["--batch", "0"], ["--batch", "65"], ["--seed", "-1"], ["--seed", str(2**32)], ["--seed", "1.5"],
     ["--seed", str(2**32 - 1), "--batch", "2"], ["--precision", "float32", "--mp"], ["--precision", "float64"],
@@ -218,7 +220,7 @@ def test_library_errors_and_interrupts(tmp_path, monkeypatch, capsys):
 
 
 def _run(*flags, **env):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", **env)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1", **env}
     return subprocess.run([sys.executable, "text2image.py", *map(str, flags)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -252,11 +254,29 @@ def test_unreadable_weights(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_offline_default_weights_say_how_to_pass_a_file(tmp_path):
+@pytest.mark.parametrize("network", [
+    dict(HF_HUB_OFFLINE="1"),  # offline by choice
+    dict(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9"),  # no Hub to reach (the discard port: refused)
+], ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_offline_default_weights_say_how_to_pass_a_file_at_once(tmp_path, network):
     (tmp_path / "hf").mkdir()
-    proc = _run("--prompt", "x", "--output", tmp_path / "x.png", "--quiet", HF_HOME=str(tmp_path / "hf"))
+    start = time.monotonic()
+    proc = _run("--prompt", "x", "--output", tmp_path / "x.png", "--quiet", HF_HOME=str(tmp_path / "hf"), **network)
+    elapsed = time.monotonic() - start
     _assert_one_error_line(proc, "--weights")
     assert os.listdir(tmp_path) == ["hf"]
+    assert elapsed < 10, f"the offline answer took {elapsed:.1f} s"  # huggingface_hub alone retries for ~25 s
+
+
+def test_library_warnings_are_one_line_and_quiet_hides_them(checkpoints, tmp_path):
+    flags = ["--weights", checkpoints["safetensors"], "--prompt", "cube " * 100, "--H", 64, "--W", 64, "--steps", 1]
+    proc = _run(*flags, "--output", tmp_path / "x.png", TF_CPP_MIN_LOG_LEVEL="")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warned) == 1 and warned[0].startswith("text2image: warning: 1 prompt(s) longer than 77"), warned
+    assert "E0000" not in proc.stderr and "cuInit" not in proc.stderr and "absl" not in proc.stderr, proc.stderr
+    proc = _run(*flags, "--output", tmp_path / "y.png", "--quiet", TF_CPP_MIN_LOG_LEVEL="")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def _parameters(path):
@@ -275,7 +295,15 @@ def test_end_to_end(checkpoints, tmp_path):
 
     proc = _run(*flags, "--output", tmp_path / "x.png", "--batch", 2)  # x.png exists; numbered files do not
     assert proc.returncode == 0, proc.stderr
-    assert "loading weights" in proc.stderr and "denoising" in proc.stderr  # status and progress bar
+    # one line per stage, each ours (text mode reads the bar's carriage returns as line ends: one per redraw)
+    lines = [line for line in proc.stderr.splitlines() if line]
+    assert all(line.startswith("text2image: ") for line in lines), proc.stderr
+    stages = [line.split(":")[1].split()[0] for line in lines]
+    assert [s for i, s in enumerate(stages) if s != stages[i - 1] or i == 0] == \
+        ["loading", "prepared", "denoising", "decoding"], lines
+    lines = [line for i, line in enumerate(lines) if i + 1 == len(lines) or stages[i + 1] != stages[i]]
+    assert re.search(r"prepared the compiled step for 96x64 in \d+\.\d s$", lines[1]), lines[1]
+    assert "3/3" in lines[2] and ("step/s" in lines[2] or "s/step" in lines[2]), lines[2]
     assert sorted(os.listdir(tmp_path)) == ["x-0.png", "x-1.png", "x.png"]
     for name, seed in [("x-0.png", 42), ("x-1.png", 43)]:
         size, text = _parameters(tmp_path / name)

@@ -137,7 +137,7 @@ def test_bad_numbers_exit_2_without_loading(checkpoints, outdir, capsys, flags):
 
 def test_nan_latents_are_never_written_black(pipe, monkeypatch, outdir, capsys, checkpoints):
     """A model that produces NaN stops with an error and writes no image."""
-    monkeypatch.setattr(StableDiffusion, "_unet", lambda self, x, t, c: np.full(x.shape, np.nan, np.float32))
+    monkeypatch.setattr(StableDiffusion, "predict_noise", lambda self, x, t, c: np.full(np.shape(x), np.nan, "f4"))
     with pytest.raises(StableDiffusionError, match="NaN"):
         pipe.text_to_image("x", height=64, width=64, num_inference_steps=2, seed=0)
     code, err = run_cli(checkpoints["safetensors"], outdir, capsys)

@@ -47,11 +47,11 @@ def test_tiled_decode_approaches_untiled_as_tiles_grow(pipe):
 
 
 def test_decode_latents_tiles_large_images_only(pipe, monkeypatch):
-    from stable_diffusion_tf import pipeline
+    from stable_diffusion_tf import decoding
 
     calls = []
-    monkeypatch.setattr(pipeline, "tiled_decode", lambda decode, z: calls.append(z.shape) or decode(z))
-    monkeypatch.setattr(pipeline, "TILED_ABOVE", 8)
+    monkeypatch.setattr(decoding, "tiled_decode", lambda decode, z: calls.append(z.shape) or decode(z))
+    monkeypatch.setattr(decoding, "TILED_ABOVE", 8)
     pipe.decode_latents(np.zeros((1, 8, 8, 4), np.float32))
     assert calls == []
     pipe.decode_latents(np.zeros((1, 8, 9, 4), np.float32))

@@ -94,6 +94,24 @@ def test_result_object_and_recipe(pipe, checkpoints):
         assert f"Model hash: {hashlib.sha256(f.read()).hexdigest()[:10]}" in first[2]
 
 
+def test_images_keep_their_recipe_when_saved_the_obvious_way(pipe, tmp_path):
+    from PIL import Image
+
+    result = pipe.text_to_image(["a red cube", "a blue ball"], height=64, width=64, num_inference_steps=1, seed=5)
+    for i, image in enumerate(result.images):
+        assert image.info["parameters"] == result.parameters[i]
+        image.save(tmp_path / f"{i}.png")
+        with Image.open(tmp_path / f"{i}.png") as saved:
+            assert saved.text["parameters"] == result.parameters[i]
+            np.testing.assert_array_equal(np.asarray(saved), np.asarray(image))
+    result.images[0].save(tmp_path / "own.png", pnginfo=None)  # a caller's own pnginfo (here: none) wins
+    with Image.open(tmp_path / "own.png") as saved:
+        assert "parameters" not in saved.text
+    result.images[0].save(tmp_path / "x.jpg")  # other formats are written as Pillow writes them
+    with Image.open(tmp_path / "x.jpg") as saved:
+        assert saved.size == (64, 64)
+
+
 def test_callback_sees_every_step(pipe):
     seen = []
     pipe.text_to_image("x", height=64, width=64, num_inference_steps=4, sampler="heun", seed=0, output_type="np",

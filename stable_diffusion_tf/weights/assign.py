@@ -8,15 +8,11 @@ torch Conv2d (out, in, kh, kw) -> Conv2D (kh, kw, in, out).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops.resource_variable_ops import UninitializedVariable  # not in tf.*
 
 from ..errors import CheckpointError
 from .formats import ALIGNMENT, aligned_bytes
@@ -46,8 +42,8 @@ def leaf_layers(layer, prefix: str = "") -> dict[str, keras.layers.Layer]:
     return out
 
 
-INITIALIZERS = {"weight": ("kernel_initializer", "gamma_initializer", "embeddings_initializer"),
-                "bias": ("bias_initializer", "beta_initializer")}
+# The Keras variable each checkpoint parameter of a leaf loads into, by leaf kind.
+VARIABLES = {"weight": ("kernel", "gamma", "embeddings"), "bias": ("bias", "beta")}
 
 
 def _torch_shape(layer, param: str, keras_shape) -> tuple:
@@ -95,152 +91,55 @@ def _moves_data(shape, perm) -> bool:
 Getter = Callable[[str], tuple[str, tuple, Callable[[], np.ndarray]]]
 
 
-_READERS: set[ThreadPoolExecutor] = set()  # background readers with tensors still queued
+class Entry(NamedTuple):
+    """One variable and the checkpoint tensor it is filled from."""
+
+    variable: keras.Variable
+    leaf: keras.layers.Layer
+    param: str  # "weight" or "bias"
+    read: Callable[[], np.ndarray]
 
 
-def _cancel_readers() -> None:
-    """At interpreter exit (an error, Ctrl-C, the end of a script): the queued reads are dropped, not run."""
-    for reader in list(_READERS):
-        reader.shutdown(wait=False, cancel_futures=True)
+def variables_of(leaf) -> list[tuple[str, keras.Variable]]:
+    """(checkpoint parameter, Keras variable) of a built leaf: its weight, and its bias where it has one."""
+    out = []
+    for param, attrs in VARIABLES.items():
+        variable = next((v for v in (getattr(leaf, a, None) for a in attrs) if v is not None), None)
+        if variable is not None:
+            out.append((param, variable))
+    return out
 
 
-# runs before the interpreter joins the reader threads: those atexit hooks run last-registered first, and
-# concurrent.futures' own (which joins them) was registered when ThreadPoolExecutor was imported above
-threading._register_atexit(_cancel_readers)
+def plan(model, get: Getter, where: str) -> list[Entry]:
+    """Every variable of a built `model` with the tensor that fills it, every key and shape checked first.
 
-
-class Filling:
-    """Checkpoint tensors on their way into the variables of the models built inside `filled_on_build`.
-
-    Once every variable exists, one background thread reads each tensor, converts it (layout, dtype) and
-    assigns it to its variable, in build order, then closes the files. `wait(model)` blocks until that
-    model's variables (or, with no model, all of them) hold their tensors, and raises the error that
-    stopped the reading, if any. When the interpreter exits mid-read, the tensors still queued are dropped.
+    `get(name)` returns (file key, file shape, read) for a diffusers parameter name or raises KeyError;
+    `where` names the file in errors. Nothing is read here: a missing or misshaped tensor is reported
+    from the file's header alone (strict, as nanoGPT's from_pretrained).
     """
-
-    def __init__(self, files) -> None:
-        self._files = list(files)
-        self._tasks: dict[int, list[Future]] = {}
-        self._error: BaseException | None = None
-
-    def _start(self, plan: list[tuple]) -> None:
-        """Every variable exists: read the tensors in the background (after the build, which they would slow).
-
-        `plan`: (model, leaf, param, name, slot) per variable, `slot` holding (variable, read)."""
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader")
-        _READERS.add(reader)
-        for model, leaf, param, _, slot in plan:
-            self._tasks.setdefault(id(model), []).append(reader.submit(self._fill, leaf, param, slot))
-        reader.submit(lambda: (self.close(), _READERS.discard(reader)))
-        reader.shutdown(wait=False)
-
-    def _fill(self, leaf, param: str, slot: Future) -> None:
-        if self._error is not None:
-            raise self._error
-        try:
-            variable, read = slot.result()
-            value = read()
-            value = value.reshape(_loaded_shape(leaf, value.shape))
-            tensor = _to_keras(leaf, param, value, leaf.dtype_policy.variable_dtype)
-            variable.assign(tensor)  # the empty variable adopts the tensor (no copy)
-        except BaseException as error:
-            self._error = error
-            raise
-
-    def close(self) -> None:
-        for file in self._files:
-            file.close()
-
-    def done(self, model=None) -> bool:
-        """Whether the tensors of `model` (or all) have been read, or the reading has stopped."""
-        return all(task.done() for task in self._tasks_of(model))
-
-    def wait(self, model=None) -> None:
-        """Blocks until `model`'s variables (all, for None) hold their tensors; raises the reading's error."""
-        for task in self._tasks_of(model):
-            task.result()
-
-    def _tasks_of(self, model) -> list[Future]:
-        return [t for tasks in self._tasks.values() for t in tasks] if model is None else self._tasks.get(id(model), [])
+    entries = []
+    for name, leaf in leaf_layers(model).items():
+        for param, variable in variables_of(leaf):
+            try:
+                key, file_shape, read = get(f"{name}.{param}")
+            except KeyError as missing:
+                raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
+            expected = _torch_shape(leaf, param, variable.shape)
+            if _loaded_shape(leaf, file_shape) != expected:
+                raise CheckpointError(f"{where}: tensor {key} has shape {tuple(file_shape)}, expected {expected}")
+            entries.append(Entry(variable, leaf, param, read))
+    return entries
 
 
-@contextlib.contextmanager
-def filled_on_build(parts: list[tuple[keras.Model, Getter, str]], files=()) -> Iterator[Filling]:
-    """Inside the block, building an unbuilt model of `parts` creates every variable for its checkpoint tensor.
-
-    Each part is (model, get, where): `get(name)` returns (file key, file shape, read) or raises KeyError,
-    `read()` gives the tensor; `where` names the file in errors. The builder checks each key and shape
-    from the file's header and makes each variable empty; after the block, the `Filling` it yields fills
-    them in the background (no zero fill, no second copy) and closes `files` when done. An error in the
-    block (a missing or misshaped tensor, an unbuilt layer) closes the files before any tensor is read.
-    """
-    filling = Filling(files)
-    plan = []
-    try:
-        for model, get, where in parts:
-            for name, leaf in leaf_layers(model).items():
-                for param in _params(leaf):
-                    full, slot = f"{name}.{param}", Future()  # the builder hands the variable over in `slot`
-                    plan.append((model, leaf, param, full, slot))
-                    for attr in INITIALIZERS[param]:
-                        if hasattr(leaf, attr):
-                            setattr(leaf, attr, _initializer(leaf, param, full, get, where, slot))
-        with tf.variable_creator_scope(_empty_variables):
-            yield filling
-        unmade = [full for *_, full, slot in plan if not slot.done()]  # a layer left unbuilt, say
-        if unmade:
-            raise RuntimeError(f"variables not made for their tensors by the build call: {unmade[:3]}")
-    except BaseException:
-        filling.close()
-        raise
-    finally:
-        for _, leaf, param, *_ in plan:  # drop the references to the getters and slots
-            for attr in INITIALIZERS[param]:
-                if hasattr(leaf, attr):
-                    setattr(leaf, attr, keras.initializers.Zeros())
-    filling._start(plan)
-
-
-def _params(leaf) -> tuple[str, ...]:
-    """The checkpoint tensors of a leaf: its weight, and its bias where it has one (an Embedding has none)."""
-    return tuple(p for p, attrs in INITIALIZERS.items() if any(hasattr(leaf, a) for a in attrs)
-                 and (p == "weight" or getattr(leaf, "use_bias", True)))
+def fill(entries: list[Entry]) -> None:
+    """Reads each entry's tensor, converts it (layout, dtype) and assigns it to its variable, one at a time."""
+    for variable, leaf, param, read in entries:
+        value = read()
+        value = value.reshape(_loaded_shape(leaf, value.shape))
+        variable.assign(_to_keras(leaf, param, value, variable.dtype))
 
 
 def _loaded_shape(leaf, shape) -> tuple:
     """A file shape as it loads: 1x1 conv checkpoints (SD 1.x proj_in, VAE q/k/v) load into a Dense."""
     shape = tuple(shape)
     return shape[:2] if isinstance(leaf, keras.layers.Dense) and len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
-class _Empty(NamedTuple):
-    """What an initializer gives inside `filled_on_build`: make the variable empty, hand (it, read) to `slot`."""
-
-    shape: tuple
-    read: Callable[[], np.ndarray]
-    slot: Future
-
-
-def _empty_variables(next_creator, **kwargs):
-    """Variable creator: an empty (uninitialized) variable for a checkpoint tensor, others as usual."""
-    value = kwargs["initial_value"]
-    value = value() if callable(value) else value
-    if not isinstance(value, _Empty):
-        return next_creator(**{**kwargs, "initial_value": value})
-    variable = UninitializedVariable(shape=value.shape, dtype=kwargs.get("dtype"), name=kwargs.get("name"),
-                                     trainable=kwargs.get("trainable"))
-    value.slot.set_result((variable, value.read))
-    return variable
-
-
-def _initializer(leaf, param: str, full: str, get: Getter, where: str, slot: Future):
-    def initialize(shape, dtype=None):
-        try:
-            key, raw_shape, read = get(full)
-        except KeyError as missing:
-            raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
-        expected = _torch_shape(leaf, param, shape)
-        if _loaded_shape(leaf, raw_shape) != expected:
-            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(raw_shape)}, expected {expected}")
-        return _Empty(tuple(shape), read, slot)
-    return initialize

@@ -1,8 +1,9 @@
 """Build the three networks and fill them from a single-file checkpoint or a diffusers folder.
 
 Tensors are matched by name (see `names.py`), fetched one at a time from a lazy `TensorFile`,
-so peak memory is the model plus one tensor. Every tensor of a model part is used or explicitly
-ignored; the model family is read from key names and shapes before any variable is built.
+so peak memory is the model plus one tensor. Loading is strict: the model family is read from key
+names and shapes before any variable is built, every key and shape is checked against the file's
+header before any tensor is read, and every tensor of a model part is used or explicitly ignored.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import warnings
 from dataclasses import dataclass
 
 from ..clip import CLIPTextModel
-from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
-from ..errors import CheckpointError, UnsupportedModelError
+from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig, pad_token_id
+from ..errors import CheckpointError, StableDiffusionWarning, UnsupportedModelError
+from ..layers import empty_weights
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from . import names
-from .assign import Filling, filled_on_build
+from .assign import fill, plan
 from .formats import TensorFile, open_checkpoint
 
 # Tensors of SD training checkpoints that inference does not use.
@@ -38,78 +40,59 @@ class Models:
     text_encoder: CLIPTextModel
     unet: UNet
     vae: AutoencoderKL
-    filling: Filling | None = None  # the checkpoint reading still under way after a background load
 
-    def wait(self, network=None) -> None:
-        """Blocks until `network` (one of the three, or all for None) holds its checkpoint tensors."""
-        if self.filling is not None:
-            self.filling.wait(network)
-
-    def loaded(self, network=None) -> bool:
-        """Whether `network` (or all) holds its tensors, or its reading has stopped: `wait` will not block."""
-        return self.filling is None or self.filling.done(network)
+    @property
+    def networks(self) -> tuple:
+        return self.text_encoder, self.unet, self.vae
 
 
-def make_models(config: ModelConfig, dtype="float32") -> Models:
-    """The three networks, not built yet (no variables): `build` creates them."""
-    return Models(config, CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype),
-                  UNet(config.unet, name="unet", dtype=dtype), AutoencoderKL(config.vae, name="vae", dtype=dtype))
+def make_models(config: ModelConfig, dtype="float32", empty: bool = False) -> Models:
+    """The three networks, built from the config's sizes (no forward pass).
 
-
-def build(models: Models) -> Models:
-    """Creates every variable of the three networks from the config's sizes (no forward pass)."""
-    for model in (models.text_encoder, models.unet, models.vae):
-        model.build()
+    Their variables start from Keras' usual random values, or, with `empty`, hold no values yet (for a
+    loader that assigns every one: a billion random draws would be most of the load time).
+    """
+    models = Models(config, CLIPTextModel(config.text_encoder, name="text_encoder", dtype=dtype),
+                    UNet(config.unet, name="unet", dtype=dtype), AutoencoderKL(config.vae, name="vae", dtype=dtype))
+    with empty_weights() if empty else contextlib.nullcontext():
+        for network in models.networks:
+            network.build()
     return models
-
-
-def build_vae(config: VAEConfig, dtype="float32") -> AutoencoderKL:
-    """The VAE with zero variables."""
-    vae = AutoencoderKL(config, name="vae", dtype=dtype)
-    vae.build()
-    return vae
 
 
 def load_vae(source: str, config: VAEConfig, dtype="float32") -> AutoencoderKL:
     """The VAE alone, read again from a checkpoint `load` has read (e.g. in float32 beside 16-bit weights)."""
     source = os.fspath(source)
     vae = AutoencoderKL(config, name="vae", dtype=dtype)
+    with empty_weights():
+        vae.build()
     folder = os.path.isdir(source)
     path = _component_file(source, "vae") if folder else source
-    file = open_checkpoint(path)
-    with filled_on_build([(vae, _getter(file, _vae_candidates(config, folder), set()), path)], [file]) as filling:
-        vae.build()
-    filling.wait()
+    with open_checkpoint(path) as file:
+        fill(plan(vae, _getter(file, _vae_candidates(config, folder), set()), path))
     return vae
 
 
-def load(source: str, config: ModelConfig | None = None, dtype="float32", background: bool = False) -> Models:
-    """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
+def load(source: str | os.PathLike, config: ModelConfig | None = None, dtype="float32") -> Models:
+    """Loads a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder, strictly.
 
-    The networks are made unbuilt, told where each variable's tensor is (`filled_on_build`), and built:
-    every key and shape is checked against the file's header and every variable is created empty, then
-    filled once from its tensor by a background thread. With `background` this returns while the
-    tensors are still being read (`Models.wait` blocks until they are in and raises a read error);
-    otherwise it returns once they all are.
+    The networks are built with empty variables; every variable is matched to its tensor and every key
+    and shape checked against the file headers (nothing is read before all of them pass), then each
+    tensor is read, converted and assigned in turn.
     """
     source = os.fspath(source)
     if os.path.isdir(source):
-        models = _load_diffusers_folder(source, config, dtype)
-    else:
-        models = _load_single_file(source, config, dtype)
-    if not background:
-        models.wait()
-    return models
+        return _load_diffusers_folder(source, config, dtype)
+    return _load_single_file(source, config, dtype)
 
 
 def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
-    file = open_checkpoint(source)
-    try:
+    with open_checkpoint(source) as file:
         family = detect_family(file)
         if family not in LOADABLE:
             raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; {_loads()}")
         config = config or infer_config(file, family)
-        models = make_models(config, dtype)
+        models = make_models(config, dtype, empty=True)
         used: set[str] = set()
         if _has_open_clip(file):
             clip = _open_clip_getter(file, used)
@@ -117,16 +100,11 @@ def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
             used |= {k for k in file.keys() if names.open_clip_unused(k, layers)}  # left out on purpose
         else:
             clip = _getter(file, lambda n: names.clip_names(n, names.CLIP_PREFIX), used)
-    except BaseException:
-        file.close()
-        raise
-    with filled_on_build([(models.text_encoder, clip, source),  # in the order `build` builds them
-                          (models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source),
-                          (models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)],
-                         [file]) as filling:
-        build(models)
+        entries = [*plan(models.text_encoder, clip, source),
+                   *plan(models.unet, _getter(file, lambda n: [names.unet_compvis(n, config.unet)], used), source),
+                   *plan(models.vae, _getter(file, _vae_candidates(config.vae, False), used), source)]
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
-    models.filling = filling
+        fill(entries)
     return models
 
 
@@ -174,7 +152,8 @@ def _check_leftovers(source: str, keys: list[str], family: str) -> None:
         raise CheckpointError(f"{source}: unexpected tensor {inside[0]} ({len(inside)} in all); "
                               f"the file does not match the {FAMILY_NAMES[family]} architecture")
     if unknown:
-        warnings.warn(f"{source}: ignored {len(unknown)} tensors outside the model, e.g. {unknown[0]}", stacklevel=3)
+        warnings.warn(f"{source}: ignored {len(unknown)} tensors outside the model, e.g. {unknown[0]}",
+                      StableDiffusionWarning, stacklevel=4)
 
 
 LOADABLE = {"sd1", "sd1-inpainting", "sd2", "sd2-inpainting"}  # model families this version builds and fills
@@ -186,11 +165,6 @@ FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "s
 def _loads() -> str:
     """'this version loads ...', the loadable families by name."""
     return "this version loads " + ", ".join(FAMILY_NAMES[f] for f in FAMILY_NAMES if f in LOADABLE)
-
-
-def _pad_token_id(family: str) -> int:
-    """SD 2.x pads prompts with 0 ("!") as OpenCLIP and the SD 2.x tokenizer folders do; SD 1.x with the end token."""
-    return 0 if family.startswith("sd2") else 49407
 
 
 def detect_family(file: TensorFile) -> str:
@@ -261,7 +235,7 @@ def infer_config(file: TensorFile, family: str | None = None) -> ModelConfig:
         clip = _open_clip_config(file) if _has_open_clip(file) else _clip_config(file, "gelu" if sd2 else "quick_gelu")
     except (KeyError, IndexError, StopIteration) as e:
         raise CheckpointError(f"{file.path}: incomplete checkpoint (cannot read the model sizes: {e})") from None
-    return ModelConfig(family, clip, unet, vae, pad_token_id=_pad_token_id(family))
+    return ModelConfig(family, clip, unet, vae, pad_token_id=pad_token_id(family))
 
 
 def _clip_config(file: TensorFile, hidden_act: str) -> CLIPConfig:
@@ -334,7 +308,7 @@ def read_folder_config(folder: str) -> ModelConfig:
         family += "-inpainting"
     if family not in LOADABLE:
         raise UnsupportedModelError(f"{folder}: {FAMILY_NAMES[family]} model; {_loads()}")
-    return ModelConfig(family, clip, unet, vae, pad_token_id=_pad_token_id(family))
+    return ModelConfig(family, clip, unet, vae, pad_token_id=pad_token_id(family))
 
 
 def _component_file(folder: str, part: str) -> str:
@@ -347,23 +321,18 @@ def _component_file(folder: str, part: str) -> str:
 
 def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
     config = config or read_folder_config(folder)
-    models = make_models(config, dtype)
+    paths = {part: _component_file(folder, part) for part in ("text_encoder", "unet", "vae")}
+    models = make_models(config, dtype, empty=True)
     parts = {"text_encoder": (models.text_encoder, names.clip_names), "unet": (models.unet, lambda n: [n]),
-             "vae": (models.vae, _vae_candidates(config.vae, True))}  # in the order `build` builds them
-    opened = []
+             "vae": (models.vae, _vae_candidates(config.vae, True))}
     with contextlib.ExitStack() as stack:
+        entries = []
         for part, (model, candidates) in parts.items():
-            path = _component_file(folder, part)
-            file = stack.enter_context(open_checkpoint(path))
+            file = stack.enter_context(open_checkpoint(paths[part]))
             used: set[str] = set()
-            opened.append((model, _getter(file, candidates, used), path, file, used))
-        stack.pop_all()  # the filling closes them
-    with filled_on_build([(model, get, path) for model, get, path, _, _ in opened],
-                         [file for *_, file, _ in opened]) as filling:
-        build(models)
-        for _, _, path, file, used in opened:
+            entries += plan(model, _getter(file, candidates, used), paths[part])
             extra = [k for k in file.keys() if k not in used and not IGNORED.match(k)]
             if extra:
-                raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
-    models.filling = filling
+                raise CheckpointError(f"{paths[part]}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+        fill(entries)
     return models
