@@ -6,7 +6,8 @@ import keras
 from keras import ops
 
 from .config import CLIPConfig
-from .layers import Block, attention, build_leaf, dense, embedding, layer_norm
+from .fast import attention
+from .layers import Block, Network, build_leaf, dense, embedding, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -107,12 +108,15 @@ class CLIPEncoder(Block):
             layer.build()
 
 
-class CLIPTextModel(keras.Model):
+@keras.saving.register_keras_serializable(package="stable_diffusion_tf")
+class CLIPTextModel(Network):
     """Token ids (B, L) -> last hidden state after the final LayerNorm (B, L, hidden_size).
 
     With `output_hidden_states=True` also returns every layer's output as transformers does:
     a list of num_hidden_layers + 1 tensors, the embeddings first, none with the final norm.
     """
+
+    config_class = CLIPConfig
 
     def __init__(self, config: CLIPConfig, **kwargs):
         super().__init__(**kwargs)

@@ -13,7 +13,7 @@ from .vae import AutoencoderKL, tiled_decode
 TILED_ABOVE = 96  # latent side above which the VAE decodes in tiles (images over 768 px)
 
 
-class Decoder:
+class ImageDecoder:
     """Scaled latents (B, h, w, C) -> images (B, 8h, 8w, 3) float32 in [0, 1].
 
     Latents wider or taller than TILED_ABOVE decode in blended tiles (`vae.tiled_decode`) unless told

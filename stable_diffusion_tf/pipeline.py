@@ -4,7 +4,6 @@ three generation modes as short functions over those steps."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
@@ -14,7 +13,7 @@ from keras import ops
 
 from . import checks, precision as precisions
 from .config import ModelConfig
-from .decoding import Decoder
+from .decoding import ImageDecoder
 from .denoiser import make_denoiser
 from .errors import InputError, StableDiffusionError
 from .hub import resolve
@@ -97,7 +96,7 @@ class StableDiffusion:
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
-        self._decoder = Decoder(self.vae, self.config.vae.scaling_factor, self._float32_vae)
+        self._decoder = ImageDecoder(self.vae, self.config.vae.scaling_factor, self._float32_vae)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, precision: str = "float32",
@@ -115,13 +114,7 @@ class StableDiffusion:
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
         path = resolve(source)
         models = load(path, config=config, dtype=precisions.WEIGHT_DTYPES[policy])
-        scheduler = SchedulerConfig(prediction_type="v_prediction" if models.config.family == "sd2" else "epsilon")
-        scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.isfile(scheduler_file):
-            with open(scheduler_file, encoding="utf-8") as f:
-                scheduler = SchedulerConfig.from_diffusers(json.load(f))
-        if prediction_type is not None:
-            scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
+        scheduler = SchedulerConfig.of_model(path, models.config.family, prediction_type)
         return cls(models, precision=policy, jit_compile=jit_compile, scheduler_config=scheduler, source=path)
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
@@ -148,7 +141,7 @@ class StableDiffusion:
         self._unet_step.get_concrete_function(latents, np.zeros((batch,), np.float32), context)
 
     def decode_latents(self, latents, tiled: bool | None = None) -> np.ndarray:
-        """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3) float32 in [0, 1] (see `decoding.Decoder`:
+        """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3) float32 in [0, 1] (see `decoding.ImageDecoder`:
         tiled above 768 px, redone in float32 if a reduced-precision decode overflows)."""
         return self._decoder(latents, tiled)
 

@@ -251,8 +251,9 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     start_index is diffusers' img2img `t_start`: the walk covers `timesteps[t_start * order:]` of diffusers' list,
     starting from `add_noise(..., start_index)`, or from `initial_latent` when 0. noise(i) gives euler_a the noise
     for grid step i. callback(k, total, latents) follows each of the total = n - start_index steps, with the
-    latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others. The result is in
-    that form too: x0 for the samplers ending at sigma 0, the VP latent at alphas_cumprod[0] for ddim / plms.
+    latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others. The result, for
+    every sampler, is the latent the VAE decodes, as diffusers' loop ends with it: x0, except for ddim / plms, which
+    stop at alphas_cumprod[0] (the VP latent there).
     blend(latents, k) runs after every scheduler step as diffusers' inpainting loop does (see `inpaint_blend`).
     """
     if sampler not in _SAMPLERS:
@@ -266,7 +267,8 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     steps = _SAMPLERS[sampler](denoise, np.asarray(x, np.float64), schedule, start_index, noise,
                                _between(blend, schedule))
     for k, (x, sigma) in enumerate(steps):
-        latents = x / np.sqrt(1 + sigma**2) if schedule.vp else x
         if callback is not None:
-            callback(k, total, latents)
-    return latents
+            callback(k, total, x / np.sqrt(1 + sigma**2) if schedule.vp else x)
+    # every walk ends at sigma 0 (x0 itself) except ddim's and plms', which end at alphas_cumprod[0] as diffusers'
+    # do; the VP latent there is what diffusers decodes, and at sigma 0 it is x0 whatever the schedule's form
+    return x / np.sqrt(1 + sigma**2)

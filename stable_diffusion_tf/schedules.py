@@ -7,6 +7,8 @@ x = x0 + sigma * eps, i.e. the VP latent sqrt(a) * x0 + sqrt(1 - a) * eps times 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -58,6 +60,23 @@ class SchedulerConfig:
         """Read a diffusers scheduler config dict; unknown keys are ignored, missing ones keep the SD 1.5 values."""
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in config.items() if key in names})
+
+    @classmethod
+    def of_model(cls, path: str, family: str, prediction_type: str | None = None) -> SchedulerConfig:
+        """A model's scheduler: a diffusers folder's scheduler/scheduler_config.json, else SD's defaults with
+        v-prediction for SD 2.x single files (diffusers' default: the 768 models); `prediction_type` overrides
+        what the files say, as diffusers' from_single_file does."""
+        if prediction_type not in (None, *PREDICTION_TYPES):
+            raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
+        config = cls(prediction_type="v_prediction" if family == "sd2" else "epsilon")
+        file = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    config = cls.from_diffusers(json.load(f))
+            except (OSError, ValueError, TypeError) as e:
+                raise InputError(f"{file}: unreadable scheduler config ({e})") from None
+        return config if prediction_type is None else dataclasses.replace(config, prediction_type=prediction_type)
 
 
 class Schedule(NamedTuple):

@@ -6,8 +6,8 @@ import keras
 from keras import ops
 
 from .config import UNetConfig
-from .layers import (Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Transformer2DModel, Upsample2D, build_leaf,
-                     conv, dense, group_norm, timestep_embedding)
+from .layers import (Block, Downsample2D, Network, ResnetBlock2D, ResolutionBlock, Transformer2DModel, Upsample2D,
+                     build_leaf, conv, dense, group_norm, timestep_embedding)
 
 
 class TimestepEmbedding(Block):
@@ -60,8 +60,11 @@ class UNetBlock(ResolutionBlock):
         return x, outputs
 
 
-class UNet(keras.Model):
+@keras.saving.register_keras_serializable(package="stable_diffusion_tf")
+class UNet(Network):
     """eps_theta(z_t, t, c): noise prediction from latents (B, h, w, C), timesteps (B,) and text (B, 77, D)."""
+
+    config_class = UNetConfig
 
     def __init__(self, config: UNetConfig, **kwargs):
         super().__init__(**kwargs)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
+import keras
 from keras import ops
 
 from .config import VAEConfig
-from .layers import (Attention, Block, Downsample2D, ResnetBlock2D, ResolutionBlock, Upsample2D, build_leaf, conv,
-                     group_norm)
+from .layers import (Attention, Block, Downsample2D, Network, ResnetBlock2D, ResolutionBlock, Upsample2D, build_leaf,
+                     conv, group_norm)
 
 EPS = 1e-6  # every norm in the VAE
 
@@ -125,8 +125,11 @@ class Decoder(Block):
         return self.conv_out(self.conv_norm_out(x))
 
 
-class AutoencoderKL(keras.Model):
+@keras.saving.register_keras_serializable(package="stable_diffusion_tf")
+class AutoencoderKL(Network):
     """Encoder/decoder pair with the 1x1 `quant_conv` / `post_quant_conv` around the latent."""
+
+    config_class = VAEConfig
 
     def __init__(self, config: VAEConfig, **kwargs):
         super().__init__(**kwargs)

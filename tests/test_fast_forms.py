@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from stable_diffusion_tf import StableDiffusion, layers
+from stable_diffusion_tf import StableDiffusion, fast, layers
 from stable_diffusion_tf.weights.assign import leaf_layers
 
 
@@ -66,8 +66,8 @@ def test_convolution_as_one_matmul_equals_the_convolution(monkeypatch, shape, ke
     w = rng.standard_normal((kernel, kernel, shape[-1], out)).astype(np.float32)
     expected = np.asarray(ops.conv(x, w, strides=stride, padding=padding))
     matmuls = []
-    monkeypatch.setattr(layers.ops, "matmul", lambda a, b: matmuls.append(a.shape) or ops.numpy.matmul(a, b))
-    got = np.asarray(layers.conv2d(ops.convert_to_tensor(x), ops.convert_to_tensor(w), padding, stride))
+    monkeypatch.setattr(fast.ops, "matmul", lambda a, b: matmuls.append(a.shape) or ops.numpy.matmul(a, b))
+    got = np.asarray(fast.conv2d(ops.convert_to_tensor(x), ops.convert_to_tensor(w), padding, stride))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     positions = int(np.prod(expected.shape[:3]))
@@ -104,7 +104,7 @@ def test_bfloat16_attention_matches_float64_within_bfloat16_rounding():
     rng = np.random.default_rng(4)
     q, k, v = (rng.standard_normal((2, 300, 64)).astype(np.float32) for _ in range(3))
     half = [ops.cast(x, "bfloat16") for x in (q, k, v)]
-    out = np.asarray(ops.cast(layers.attention(*half, heads=2), "float32"))
+    out = np.asarray(ops.cast(fast.attention(*half, heads=2), "float32"))
     q64, k64, v64 = (np.asarray(ops.cast(x, "float32"), np.float64).reshape(2, 300, 2, 32) for x in half)
     scores = np.einsum("bnhd,bmhd->bhnm", q64, k64) / np.sqrt(32)
     probs = np.exp(scores - scores.max(-1, keepdims=True))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference import to_nchw, to_nhwc
-from stable_diffusion_tf import StableDiffusion, layers
+from stable_diffusion_tf import StableDiffusion, fast
 from stable_diffusion_tf.vae import tiled_decode
 
 
@@ -13,9 +13,9 @@ def test_chunked_attention_equals_one_block(monkeypatch):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 300, 64)).astype(np.float32) for _ in range(3))
     causal = np.triu(np.full((300, 300), -np.inf, np.float32), 1)
-    whole = [np.asarray(layers.attention(q, k, v, 4)), np.asarray(layers.attention(q, k, v, 4, bias=causal))]
-    monkeypatch.setattr(layers, "MAX_SCORES", 4 * 300 * 7)  # 7 query rows per chunk: 43 chunks, the last short
-    chunked = [np.asarray(layers.attention(q, k, v, 4)), np.asarray(layers.attention(q, k, v, 4, bias=causal))]
+    whole = [np.asarray(fast.attention(q, k, v, 4)), np.asarray(fast.attention(q, k, v, 4, bias=causal))]
+    monkeypatch.setattr(fast, "MAX_SCORES", 4 * 300 * 7)  # 7 query rows per chunk: 43 chunks, the last short
+    chunked = [np.asarray(fast.attention(q, k, v, 4)), np.asarray(fast.attention(q, k, v, 4, bias=causal))]
     for a, b in zip(whole, chunked):  # same sums, chunked in another order: float32 rounding apart
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 

@@ -16,7 +16,7 @@ from reference import (CLIP2_KW, SCHEDULER2, UNET2_KW, assert_unet_matches, buil
                        reference_tokenizer_sd2, save_all_sd2, to_nchw)
 from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, UnsupportedModelError, cli
 from stable_diffusion_tf.config import SD2
-from stable_diffusion_tf.layers import attention
+from stable_diffusion_tf.fast import attention
 from stable_diffusion_tf.weights import names
 from stable_diffusion_tf.weights.load import infer_config
 from test_text_to_image import DETERMINISTIC
