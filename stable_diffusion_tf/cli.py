@@ -26,7 +26,7 @@ from .errors import StableDiffusionError, StableDiffusionWarning
 from .hub import looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
 from .output import check_output_path, numbered_paths, save_png
-from .precision import PRECISIONS, mixed
+from .precision import CHOICES as PRECISIONS, WEIGHT_DTYPES
 from .samplers import SAMPLERS
 from .schedules import PREDICTION_TYPES
 
@@ -112,9 +112,9 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
                         "SD 2.x files, epsilon otherwise; a diffusers folder's scheduler config)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--precision", choices=PRECISIONS, default=None,
-                           help="compute precision (default: float32; bfloat16 and float16 mean the mixed forms)")
-    precision.add_argument("--mp", action="store_true",
-                           help="mixed precision: mixed_float16 on a GPU, mixed_bfloat16 on CPU")
+                           help="compute precision (default: auto: float16 on a GPU, bfloat16 on a CPU with "
+                                "bfloat16 arithmetic (AVX-512 BF16, AMX), float32 elsewhere)")
+    precision.add_argument("--mp", action="store_true", help="mixed precision as the hardware suits: the same as auto")
     p.add_argument("--jit", action="store_true",
                    help="compile the UNet with XLA (slow first step; on CPU faster in float32, slower in bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -173,14 +173,12 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
             _warnings_as_lines(args.mode, shown=not args.quiet):
-        import tensorflow as tf
+        from .pipeline import StableDiffusion, resolve_precision
 
-        from . import StableDiffusion
-
-        precision = args.precision or "float32"
-        if args.mp:
-            precision = mixed(bool(tf.config.list_physical_devices("GPU")))
-        say(f"loading weights from {source} ({precision})")
+        precision = "auto" if args.mp else args.precision or "auto"
+        chosen = ", chosen for this machine" if precision == "auto" else ""
+        say(f"loading weights from {source} ({WEIGHT_DTYPES[resolve_precision(precision, warn=False)]}{chosen})")
+        loading = time.perf_counter()
         pipe = StableDiffusion.from_pretrained(source, precision=precision, jit_compile=args.jit,
                                                prediction_type=args.prediction_type)
         if args.mode == "text2image":
@@ -189,7 +187,8 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
             height, width = args.image.shape[:2]
         start = time.perf_counter()
         pipe.prepare(height, width, args.batch, args.scale)
-        say(f"prepared the compiled step for {width}x{height} in {time.perf_counter() - start:.1f} s")
+        say(f"prepared the compiled step for {width}x{height} in {time.perf_counter() - start:.1f} s "
+            f"(weights loaded in {start - loading:.1f} s)")
         with _progress_bar(args.mode, enabled=not args.quiet) as callback:
             common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                           guidance_scale=args.scale, sampler=args.sampler, seed=args.seed, batch_size=args.batch,

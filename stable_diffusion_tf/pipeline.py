@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ from . import checks, precision as precisions
 from .config import ModelConfig
 from .decoding import ImageDecoder
 from .denoiser import make_denoiser
-from .errors import InputError, StableDiffusionError
+from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import resolve
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
@@ -104,12 +105,15 @@ class StableDiffusion:
                         prediction_type: str | None = None) -> "StableDiffusion":
         """Loads a .safetensors/.ckpt single file, a diffusers folder, or a Hub repo id (None: SD 1.5).
 
+        `precision`: "float32", "bfloat16" or "float16" (the mixed forms: 16-bit weights, float32 norms and
+        sampler math), or "auto": float16 on a GPU, bfloat16 on a CPU that computes it natively, else float32.
+
         `prediction_type` ("epsilon" or "v_prediction") overrides what the files say, as diffusers'
         from_single_file does; without it a folder's scheduler config decides, and a single file is
         taken as v-prediction if SD 2.x (diffusers' default: the 768 models), epsilon otherwise.
         Loading is strict: every tensor is checked by name and shape before any is read (CheckpointError).
         """
-        policy = precisions.policy(precision)
+        policy = resolve_precision(precision)
         if prediction_type not in (None, *PREDICTION_TYPES):
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
         path = resolve(source)
@@ -313,6 +317,7 @@ class StableDiffusion:
                size: tuple[int, int], extra: tuple[str, ...] = ()) -> str:
         """The AUTOMATIC1111 `parameters` text of one image made by this pipeline (`recipe.infotext`)."""
         model = (self.model_hash, model_name(self.source)) if self.source else None
+        extra = (*extra, f"Precision: {precisions.WEIGHT_DTYPES[self.precision]}")
         return infotext(prompt, negative_prompt, steps, sampler, scale, seed, size, model, extra)
 
     @property
@@ -321,6 +326,20 @@ class StableDiffusion:
         if self._model_hash is None:
             self._model_hash = model_hash(self.source)
         return self._model_hash
+
+
+def resolve_precision(precision: str = "auto", warn: bool = True) -> str:
+    """The Keras policy to run in: "auto" resolved for this machine; bfloat16 asked for on a CPU without it
+    in hardware works, with a warning (unless not `warn`) that it is slower there."""
+    if precision != "auto":
+        policy = precisions.policy(precision)
+        if policy != "mixed_bfloat16" or tf.config.list_physical_devices("GPU"):
+            return policy
+        if warn and not precisions.native_bfloat16(precisions.cpu_flags()):
+            warnings.warn("this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX): bfloat16 runs emulated, "
+                          "slower than float32; precision 'auto' picks the fastest", StableDiffusionWarning, 3)
+        return policy
+    return precisions.auto(bool(tf.config.list_physical_devices("GPU")), precisions.cpu_flags())
 
 
 def _first_step(steps: int, strength: float) -> int:

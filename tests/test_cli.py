@@ -302,7 +302,8 @@ def test_end_to_end(checkpoints, tmp_path):
     assert [s for i, s in enumerate(stages) if s != stages[i - 1] or i == 0] == \
         ["loading", "prepared", "denoising", "decoding"], lines
     lines = [line for i, line in enumerate(lines) if i + 1 == len(lines) or stages[i + 1] != stages[i]]
-    assert re.search(r"prepared the compiled step for 96x64 in \d+\.\d s$", lines[1]), lines[1]
+    assert re.search(r"prepared the compiled step for 96x64 in \d+\.\d s \(weights loaded in \d+\.\d s\)$",
+                     lines[1]), lines[1]
     assert "3/3" in lines[2] and ("step/s" in lines[2] or "s/step" in lines[2]), lines[2]
     assert sorted(os.listdir(tmp_path)) == ["x-0.png", "x-1.png", "x.png"]
     for name, seed in [("x-0.png", 42), ("x-1.png", 43)]:

@@ -95,7 +95,7 @@ def test_result_and_recipe(pipe):
     lines = result.parameters[0].splitlines()
     assert lines[:2] == [PROMPT, "Negative prompt: fog"]
     assert lines[2].startswith("Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x40, Model hash: ")
-    assert lines[2].endswith(", Denoising strength: 0.6")
+    assert lines[2].endswith(", Denoising strength: 0.6, Precision: float32")
 
 
 @pytest.mark.parametrize("kwargs", [dict(strength=-0.1), dict(strength=1.5), dict(strength=float("nan")),
