@@ -175,7 +175,7 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
             _warnings_as_lines(args.mode, shown=not args.quiet):
         from .pipeline import StableDiffusion, resolve_precision
 
-        precision = "auto" if args.mp else args.precision or "auto"
+        precision = args.precision or "auto"  # --mp is auto too
         chosen = ", chosen for this machine" if precision == "auto" else ""
         say(f"loading weights from {source} ({WEIGHT_DTYPES[resolve_precision(precision, warn=False)]}{chosen})")
         loading = time.perf_counter()
