@@ -20,7 +20,7 @@ from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import resolve
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
-from .samplers import SAMPLERS, add_noise, initial_latent, inpaint_blend, sample
+from .samplers import add_noise, initial_latent, inpaint_blend, sample
 from .schedules import PREDICTION_TYPES, Schedule, SchedulerConfig, make_schedule
 from .tokenizer import CLIPTokenizer
 from .vae import AutoencoderKL
@@ -278,13 +278,11 @@ class StableDiffusion:
         checks.check_steps(steps)
         checks.check_guidance(guidance_scale)
         checks.check_output_type(output_type)
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        schedule = make_schedule(sampler, steps, self.scheduler_config)  # checks the sampler's name
         seeds = checks.seeds_for(seed, len(prompts))
         shape = (height // 8, width // 8, self.config.vae.latent_channels)
         settings = dict(steps=steps, sampler=sampler, scale=guidance_scale, size=(width, height), extra=extra)
-        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape,
-                    make_schedule(sampler, steps, self.scheduler_config), settings)
+        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings)
 
     def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
         cond = self.encode_prompt(job.prompts)
