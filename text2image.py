@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-REQUIRED = ("tensorflow", "keras", "numpy", "safetensors", "huggingface_hub", "tokenizers", "PIL", "tqdm", "ml_dtypes")
+REQUIRED = ("tensorflow", "keras", "numpy", "safetensors", "huggingface_hub", "tokenizers", "PIL", "tqdm", "ml_dtypes", "matplotlib")
 
 
 def set_up(prog: str = "text2image") -> None:

@@ -22,8 +22,8 @@ import warnings
 
 # numpy and PIL only, all of them: TensorFlow is imported after the flags are checked
 from .checks import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
-from .errors import StableDiffusionError, StableDiffusionWarning
-from .hub import looks_like_repo_id, resolve
+from .errors import DownloadError, StableDiffusionError, StableDiffusionWarning
+from .hub import DEMO, demo_path, looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
 from .output import check_output_path, numbered_paths, save_png
 from .precision import CHOICES as PRECISIONS, WEIGHT_DTYPES
@@ -105,8 +105,9 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
     p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=1, help="number of images (default: 1)")
     p.add_argument("--weights", default=None,
-                   help="a .safetensors/.ckpt file, a diffusers folder or a Hub repo id "
-                        "(default: Stable Diffusion 1.5 from the Hugging Face Hub)")
+                   help="a .safetensors/.ckpt file, a diffusers folder, a Hub repo id, or 'demo' (the small "
+                        "shapes model in this package) (default: Stable Diffusion 1.5 from the Hugging Face Hub "
+                        "when it is cached or reachable, else the demo model)")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="what the model predicts, for single files that do not say (default: v_prediction for "
                         "SD 2.x files, epsilon otherwise; a diffusers folder's scheduler config)")
@@ -167,9 +168,19 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
     say = (lambda message: None) if args.quiet else (lambda message: _say(message, args.mode))
     if args.quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
-    if args.weights is None or not os.path.exists(os.path.expanduser(args.weights)):
-        say(f"finding {args.weights or 'Stable Diffusion 1.5'} on the Hugging Face Hub")
-    source = resolve(args.weights)  # before TensorFlow is imported: offline, the answer comes at once
+    if args.weights is None:
+        say("finding Stable Diffusion 1.5 on the Hugging Face Hub")
+        try:
+            source = resolve(None)  # before TensorFlow is imported: offline, the answer comes at once
+        except DownloadError as e:
+            source = demo_path()
+            say(f"Stable Diffusion 1.5 is not in the cache and cannot be downloaded ({e.reason}): using the demo model ({source}: coloured shapes, 64x64, prompts such as "
+                f"'a red circle on a blue background'); for SD 1.5 connect to the Hub once, or pass --weights "
+                "path/to/v1-5-pruned-emaonly.safetensors")
+    else:
+        if args.weights != DEMO and not os.path.exists(os.path.expanduser(args.weights)):
+            say(f"finding {args.weights} on the Hugging Face Hub")
+        source = resolve(args.weights)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
             _warnings_as_lines(args.mode, shown=not args.quiet):
@@ -219,8 +230,8 @@ def _weights_problem(source: str | None) -> str | None:
                 return None
         except OSError as e:
             return f"cannot read {source!r}: {e.strerror or e}"
-    if looks_like_repo_id(source):
-        return None  # resolved (downloaded) by the library
+    if looks_like_repo_id(source) or source == DEMO:
+        return None  # resolved (downloaded, or the shipped demo model) by the library
     return f"{source!r}: no such file or directory (expected a checkpoint file, a diffusers folder or owner/name)"
 
 

@@ -119,6 +119,8 @@ class ModelConfig:
     unet: UNetConfig
     vae: VAEConfig
     pad_token_id: int = END_TOKEN_ID  # see `pad_token_id`
+    sample_size: int | None = None  # the image side it was trained at, in pixels (None: the family's)
+    prediction_type: str | None = None  # what its UNet predicts, where the file says (None: the family's)
 
 
 SD1 = ModelConfig("sd1", CLIPConfig(), UNetConfig(), VAEConfig())

@@ -9,6 +9,14 @@ class CheckpointError(StableDiffusionError, ValueError):
     """A checkpoint file or folder that cannot be loaded (corrupt, hostile, wrong family, missing tensor)."""
 
 
+class DownloadError(CheckpointError):
+    """A model that is neither in the Hugging Face cache nor downloadable now; `reason` says why, in a few words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class UnsupportedModelError(CheckpointError):
     """A valid checkpoint of a model family this version does not load (e.g. SDXL)."""
 

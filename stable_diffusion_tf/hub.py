@@ -7,7 +7,7 @@ import re
 import socket
 from urllib.parse import urlparse
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DownloadError
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -15,6 +15,8 @@ DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
 FOLDER_PATTERNS = ["*/config.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.safetensors",
                    "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DEMO = "demo"  # the name of the small model shipped in this package (trained by `sd-train`, see the README)
+DEMO_PATH = os.path.join(os.path.dirname(__file__), "data", "demo.safetensors")
 CONNECT_TIMEOUT = 5.0  # seconds to reach the Hub before giving up (huggingface_hub itself retries for ~25 s)
 
 
@@ -25,7 +27,8 @@ def looks_like_repo_id(source: str) -> bool:
 
 
 def resolve(source: str | os.PathLike | None) -> str:
-    """A local path for `source`; None means the SD 1.5 single file from the Hub, cached by huggingface_hub.
+    """A local path for `source`; None means the SD 1.5 single file from the Hub, cached by huggingface_hub,
+    and "demo" the demo model shipped in this package (unless a file or folder of that name is here).
 
     A Hub model already in the cache is used without going online. Otherwise the Hub must answer within
     CONNECT_TIMEOUT seconds, so that a machine without network gets its answer at once.
@@ -34,6 +37,8 @@ def resolve(source: str | os.PathLike | None) -> str:
         path = os.path.expanduser(os.fspath(source))
         if os.path.exists(path):
             return path
+        if path == DEMO:
+            return demo_path()
         if not looks_like_repo_id(path):
             raise CheckpointError(f"{path}: no such file or directory")
     import huggingface_hub
@@ -56,9 +61,9 @@ def resolve(source: str | os.PathLike | None) -> str:
             return download()
         except Exception as e:  # unknown repo, gated, disk full: all end the same way for the user
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(
+    raise DownloadError(
         f"could not download {what} from the Hugging Face Hub ({reason}); pass a local checkpoint instead, "
-        "e.g. --weights path/to/model.safetensors (a .safetensors/.ckpt file or a diffusers folder)"
+        "e.g. --weights path/to/model.safetensors (a .safetensors/.ckpt file or a diffusers folder)", reason
     ) from None
 
 
@@ -71,3 +76,11 @@ def _unreachable(endpoint: str) -> str | None:
             return None
     except OSError as e:
         return f"cannot reach {host}: {e.strerror or e}"
+
+
+def demo_path() -> str:
+    """The shipped demo model's file."""
+    if not os.path.isfile(DEMO_PATH):
+        raise CheckpointError(f"{DEMO_PATH}: the demo model is missing from this installation; "
+                              "make it with `python train.py --output stable_diffusion_tf/data/demo.safetensors`")
+    return DEMO_PATH

@@ -118,7 +118,8 @@ class StableDiffusion:
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
         path = resolve(source)
         models = load(path, config=config, dtype=precisions.WEIGHT_DTYPES[policy])
-        scheduler = SchedulerConfig.of_model(path, models.config.family, prediction_type)
+        scheduler = SchedulerConfig.of_model(path, models.config.family,
+                                             prediction_type or models.config.prediction_type)
         return cls(models, precision=policy, jit_compile=jit_compile, scheduler_config=scheduler, source=path)
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
@@ -179,7 +180,10 @@ class StableDiffusion:
 
     @property
     def default_size(self) -> int:
-        """The side the model was trained at: 768 for SD 2.x v-prediction models, 512 otherwise."""
+        """The side the model was trained at: its config's sample_size when it has one, else 768 for SD 2.x
+        v-prediction models and 512 otherwise."""
+        if self.config.sample_size:
+            return self.config.sample_size
         v_prediction = self.scheduler_config.prediction_type == "v_prediction"
         return 768 if self.config.family == "sd2" and v_prediction else 512
 

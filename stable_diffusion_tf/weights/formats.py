@@ -123,9 +123,11 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
 class TensorFile:
     """An open checkpoint: names, shapes and dtypes come from the header; get() reads one tensor at a time."""
 
-    def __init__(self, path: str, fmt: str, tensors: dict[str, _Tensor], fh: Any, archive: Any = None) -> None:
+    def __init__(self, path: str, fmt: str, tensors: dict[str, _Tensor], fh: Any, archive: Any = None,
+                 metadata: dict[str, str] | None = None) -> None:
         self.path = path
         self.format = fmt
+        self.metadata = metadata or {}  # a safetensors file's __metadata__ (strings to strings)
         self._tensors = tensors
         self._fh = fh
         self._archive = archive
@@ -275,7 +277,8 @@ def open_checkpoint(path: str | os.PathLike) -> TensorFile:
         raise _error(path, f"cannot be read ({exc.strerror or exc})") from None
     try:
         if fmt == "safetensors":
-            return TensorFile(path, fmt, _safetensors_index(path, fh), fh)
+            tensors, metadata = _safetensors_index(path, fh)
+            return TensorFile(path, fmt, tensors, fh, metadata=metadata)
         archive, tensors = _torch_zip_index(path, fh)
         return TensorFile(path, fmt, tensors, fh, archive)
     except BaseException:
@@ -292,8 +295,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _safetensors_index(path: str, fh: Any) -> dict[str, _Tensor]:
-    """Validate a safetensors header as the spec requires and return its tensors, in header order."""
+def _safetensors_index(path: str, fh: Any) -> tuple[dict[str, _Tensor], dict[str, str]]:
+    """Validate a safetensors header as the spec requires; its tensors, in header order, and its metadata."""
     size = os.fstat(fh.fileno()).st_size
     if size < 8:
         raise _error(path, f"is truncated: {size} bytes, no safetensors header")
@@ -337,7 +340,7 @@ def _safetensors_index(path: str, fh: Any) -> dict[str, _Tensor]:
     if end != data_len:
         what = "is truncated" if end > data_len else "has trailing bytes"
         raise _error(path, f"{what}: tensors cover {end} data bytes but the file holds {data_len}")
-    return tensors
+    return tensors, metadata
 
 
 def _find_global(module: str, name: str) -> Any:

@@ -9,6 +9,7 @@ header before any tensor is read, and every tensor of a model part is used or ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -91,7 +92,7 @@ def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
         family = detect_family(file)
         if family not in LOADABLE:
             raise UnsupportedModelError(f"{source}: {FAMILY_NAMES[family]} checkpoint; {_loads()}")
-        config = config or infer_config(file, family)
+        config = config or config_from_metadata(file, infer_config(file, family))
         models = make_models(config, dtype, empty=True)
         used: set[str] = set()
         if _has_open_clip(file):
@@ -236,6 +237,50 @@ def infer_config(file: TensorFile, family: str | None = None) -> ModelConfig:
     except (KeyError, IndexError, StopIteration) as e:
         raise CheckpointError(f"{file.path}: incomplete checkpoint (cannot read the model sizes: {e})") from None
     return ModelConfig(family, clip, unet, vae, pad_token_id=pad_token_id(family))
+
+
+CONFIG_METADATA = "stable_diffusion_tf.config"  # safetensors __metadata__ key of a file's ModelConfig (JSON)
+# What a file's own config may say beyond its tensor shapes; the shapes must agree with the rest of it.
+NOT_IN_SHAPES = {"text_encoder": ("num_attention_heads", "hidden_act", "layer_norm_eps"),
+                 "unet": ("num_attention_heads", "norm_num_groups", "norm_eps", "upcast_attention"),
+                 "vae": ("norm_num_groups", "scaling_factor"), "": ("sample_size", "prediction_type")}
+
+
+def config_from_metadata(file: TensorFile, inferred: ModelConfig) -> ModelConfig:
+    """The config a safetensors file carries in its metadata (as our trainer writes it), checked against
+    the sizes its tensors have; `inferred` when it carries none."""
+    text = file.metadata.get(CONFIG_METADATA)
+    if text is None:
+        return inferred
+    bad = lambda why: CheckpointError(f"{file.path}: {CONFIG_METADATA} metadata {why}")  # noqa: E731
+    try:
+        given = json.loads(text)
+        parts = {}
+        for part in ("text_encoder", "unet", "vae"):
+            ours = getattr(inferred, part)
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in given[part].items()}
+            if any(k not in NOT_IN_SHAPES[part] and getattr(ours, k, None) != v for k, v in values.items()):
+                raise ValueError(f"its {part} disagrees with the tensor shapes")
+            parts[part] = dataclasses.replace(ours, **{k: values[k] for k in NOT_IN_SHAPES[part] if k in values})
+        top = {k: given.get(k) for k in NOT_IN_SHAPES[""]}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise bad(f"is unusable ({e})") from None
+    clip, unet, vae = parts["text_encoder"], parts["unet"], parts["vae"]
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    checks = {
+        "text-encoder heads": positive(clip.num_attention_heads) and clip.hidden_size % clip.num_attention_heads == 0,
+        "text-encoder activation": clip.hidden_act in ("quick_gelu", "gelu"),
+        "UNet heads": len(unet.num_attention_heads) == len(unet.block_out_channels) and all(
+            positive(h) and c % h == 0 for h, c in zip(unet.num_attention_heads, unet.block_out_channels)),
+        "norm groups": all(positive(g) and all(c % g == 0 for c in ch) for g, ch in (
+            (unet.norm_num_groups, unet.block_out_channels), (vae.norm_num_groups, vae.block_out_channels))),
+        "scaling factor": isinstance(vae.scaling_factor, float) and 0 < vae.scaling_factor < 1e3,
+        "sample size": top["sample_size"] is None or positive(top["sample_size"]) and top["sample_size"] % 8 == 0,
+        "prediction type": top["prediction_type"] in (None, "epsilon", "v_prediction"),
+    }
+    if not all(checks.values()):
+        raise bad(f"has an impossible {next(k for k, ok in checks.items() if not ok)}")
+    return dataclasses.replace(inferred, text_encoder=clip, unet=unet, vae=vae, **top)
 
 
 def _clip_config(file: TensorFile, hidden_act: str) -> CLIPConfig:
