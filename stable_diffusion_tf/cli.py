@@ -182,8 +182,8 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
             say(f"finding {args.weights} on the Hugging Face Hub")
         source = resolve(args.weights)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
-            _warnings_as_lines(args.mode, shown=not args.quiet):
+    with library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
+            warnings_as_lines(args.mode, shown=not args.quiet):
         from .pipeline import StableDiffusion, resolve_precision
 
         precision = args.precision or "auto"  # --mp is auto too
@@ -266,7 +266,7 @@ def _progress_bar(prog: str, enabled: bool):
 
 
 @contextlib.contextmanager
-def _library_output_only(enabled: bool):
+def library_output_only(enabled: bool):
     """Sends file descriptor 2 (where TensorFlow's C++ logs go, whatever TF_CPP_MIN_LOG_LEVEL says before absl
     is set up, and CUDA's cuInit complaints) to /dev/null, while `sys.stderr` keeps writing to the terminal.
     TensorFlow's and absl's Python loggers are set to errors only."""
@@ -307,7 +307,7 @@ def _fileno(stream) -> int | None:
 
 
 @contextlib.contextmanager
-def _warnings_as_lines(prog: str, shown: bool = True):
+def warnings_as_lines(prog: str, shown: bool = True):
     """The library's warnings (StableDiffusionWarning) as one `prog: warning: ...` line each (none if not
     `shown`); the warnings of the libraries under it (TensorFlow, Keras, NumPy) are not shown."""
     def show(message, category, filename, lineno, file=None, line=None):

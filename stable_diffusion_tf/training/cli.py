@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from ..cli import library_output_only, warnings_as_lines
 from ..precision import PRECISIONS
 
 PROG = "sd-train"
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --output must end in .safetensors", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with library_output_only(os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"), \
+            warnings_as_lines(PROG, shown=not args.quiet):
+        return _train(args, output)
+
+
+def _train(args: argparse.Namespace, output: str) -> int:
     import tensorflow as tf
 
     devices = _devices(tf, args.devices)
