@@ -17,6 +17,7 @@ MIN_SIZE, MAX_SIZE = 8, 2048  # image sides, in pixels
 MAX_STEPS = 1000  # the training schedule's length
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 64  # images in one call
+MAX_CHUNKS = 32  # 77-token chunks of one prompt (2400 tokens): longer text is refused, not encoded for minutes
 
 
 def _is_int(value) -> bool:
@@ -81,3 +82,9 @@ def seeds_for(seed, count: int) -> list[int]:
         raise InputError(f"seed must be an integer between 0 and {MAX_SEED - count + 1} for {count} image(s), "
                          f"got {seed!r}")
     return [int(seed) + i for i in range(count)]
+
+
+def check_clip_skip(clip_skip, layers: int) -> None:
+    """Clip skip in AUTOMATIC1111's numbering: 1 (the last layer) to the text encoder's layer count."""
+    if not _is_int(clip_skip) or not 1 <= clip_skip <= layers:
+        raise InputError(f"clip_skip must be an integer between 1 and {layers}, got {clip_skip!r}")

@@ -102,6 +102,8 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_float_in(0), default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None,
                    help="random seed; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--clip-skip", type=_int_in(1, 48), default=1,
+                   help="read the text encoder's N-th last layer (AUTOMATIC1111's numbering; default: 1, the last)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
     p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=1, help="number of images (default: 1)")
     p.add_argument("--weights", default=None,
@@ -203,7 +205,7 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
         with _progress_bar(args.mode, enabled=not args.quiet) as callback:
             common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                           guidance_scale=args.scale, sampler=args.sampler, seed=args.seed, batch_size=args.batch,
-                          output_type="pil", callback=callback)
+                          output_type="pil", callback=callback, clip_skip=args.clip_skip)
             if args.mode == "img2img":
                 result = pipe.image_to_image(args.prompt, args.image, strength=args.strength, **common)
             elif args.mode == "inpaint":

@@ -18,6 +18,7 @@ from .decoding import ImageDecoder
 from .denoiser import make_denoiser
 from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import resolve
+from .prompts import chunk_prompt
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
 from .samplers import add_noise, initial_latent, inpaint_blend, sample
@@ -63,6 +64,7 @@ class _Job:
     latent_shape: tuple[int, int, int]
     schedule: Schedule
     settings: dict  # the recipe's fields: steps, sampler, scale, size
+    clip_skip: int = 1
 
     def draw(self, step: int | None = None) -> np.ndarray:
         """The next standard normal draw of every image's generator, (B, h, w, C)."""
@@ -94,6 +96,7 @@ class StableDiffusion:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.source = source
         self._model_hash: str | None = None
+        self._comma_id = self.tokenizer.encode(",")[0]
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
@@ -124,10 +127,57 @@ class StableDiffusion:
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
 
-    def encode_prompt(self, prompts: str | list[str]) -> np.ndarray:
-        """Prompts -> text-encoder last hidden state (B, 77, width)."""
-        ids = self.tokenizer(prompts)
-        return np.asarray(ops.convert_to_numpy(self.text_encoder(ids)), dtype=np.float32)
+    def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1, chunks: int = 1) -> np.ndarray:
+        """Prompts in AUTOMATIC1111's syntax -> the weighted text conditioning (B, 77 * k, width).
+
+        `(x)`, `[x]` and `(x:w)` weight the encoder output of their tokens, then the mean over the batch is put
+        back (A1111's "Original" emphasis; see `prompts.py`). Each weighted fragment is tokenized on its own;
+        prompts longer than 75 tokens, and BREAK, make more 77-token chunks, each encoded on its own and
+        concatenated. k is the largest chunk count of the batch and at least `chunks`: shorter prompts get empty
+        chunks. `clip_skip` N > 1 reads the N-th last layer through the final layer norm (A1111's numbering:
+        1 is the last layer).
+        """
+        prompts, _ = checks.prompt_lists(prompts, None, 1)
+        checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
+        chunked = [self._chunks(p) for p in prompts]
+        count = max(chunks, *(len(c.ids) for c in chunked))
+        if count > checks.MAX_CHUNKS:
+            raise InputError(f"prompt too long: {count} chunks of 75 tokens, at most {checks.MAX_CHUNKS}")
+        empty = self._chunks("")
+        ids = np.array([c.ids + empty.ids * (count - len(c.ids)) for c in chunked], np.int32)
+        weights = np.array([c.weights + empty.weights * (count - len(c.ids)) for c in chunked], np.float32)
+        if self.tokenizer.pad_token_id != self.tokenizer.eos_token_id:  # SD 2.x: pad after the first end token
+            after_end = np.cumsum(ids == self.tokenizer.eos_token_id, axis=-1) - (ids == self.tokenizer.eos_token_id)
+            ids = np.where(after_end > 0, self.tokenizer.pad_token_id, ids).astype(np.int32)
+        out = []
+        for j in range(count):
+            z = self._encode_text(ids[:, j], clip_skip)
+            w = weights[:, j, :, None]
+            if np.any(w != 1):  # the means in float64: their ratio is ill-conditioned when they are near 0
+                mean = z.mean(dtype=np.float64)
+                z = z * w
+                z = z * np.float32(mean / z.mean(dtype=np.float64))
+            out.append(z)
+        return np.concatenate(out, axis=1)
+
+    def chunk_count(self, prompt: str) -> int:
+        """How many 77-token chunks `prompt` takes (see `encode_prompt`)."""
+        return len(self._chunks(prompt).ids)
+
+    def _chunks(self, prompt: str):
+        t = self.tokenizer
+        return chunk_prompt(prompt, t.encode, t.bos_token_id, t.eos_token_id, self._comma_id,
+                            length=t.max_length - 2)
+
+    def _encode_text(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
+        """Token ids (B, 77) -> the text encoder's last hidden state, or with clip skip N the N-th last layer's
+        output through the final layer norm; float32."""
+        if clip_skip == 1:
+            z = self.text_encoder(ids)
+        else:
+            _, hidden = self.text_encoder(ids, output_hidden_states=True)
+            z = self.text_encoder.final_layer_norm(hidden[-clip_skip])
+        return np.asarray(ops.convert_to_numpy(z), dtype=np.float32)
 
     def predict_noise(self, latents, timesteps, context) -> np.ndarray:
         """UNet output (epsilon, or v for v-prediction models) for latents (B, h, w, C), timesteps (int or (B,))
@@ -191,16 +241,17 @@ class StableDiffusion:
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                       guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None,
                       batch_size: int = 1, latents=None, output_type: str = "pil",
-                      callback: Callback | None = None) -> GenerationResult:
+                      callback: Callback | None = None, clip_skip: int = 1) -> GenerationResult:
         """Generates images from text (Rombach et al. 2022), matching diffusers' StableDiffusionPipeline.
 
-        height and width default to the model's `default_size`.
+        height and width default to the model's `default_size`. Prompts use AUTOMATIC1111's syntax (see
+        `encode_prompt`, which also explains `clip_skip`).
         """
         self._check_regular_unet()
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         job = self._job(prompt, negative_prompt, batch_size, seed, height, width, num_inference_steps,
-                        guidance_scale, sampler, output_type)
+                        guidance_scale, sampler, output_type, clip_skip)
         x = initial_latent(job.first_draw(latents), job.schedule)
         x0 = sample(sampler, self._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw, callback=callback)
         return self._finish(job, x0, output_type)
@@ -209,7 +260,7 @@ class StableDiffusion:
                        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
                        guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None,
                        batch_size: int = 1, output_type: str = "pil",
-                       callback: Callback | None = None) -> GenerationResult:
+                       callback: Callback | None = None, clip_skip: int = 1) -> GenerationResult:
         """Redraws an image from its latents noised to `strength` (SDEdit, Meng et al. 2022), matching diffusers'
         StableDiffusionImg2ImgPipeline: 0 gives back the VAE round trip, 1 a new image.
 
@@ -220,7 +271,7 @@ class StableDiffusion:
         pixels = load_image(image)
         checks.check_strength(strength)
         job = self._job(prompt, negative_prompt, batch_size, seed, *pixels.shape[:2], num_inference_steps,
-                        guidance_scale, sampler, output_type, f"Denoising strength: {strength:g}")
+                        guidance_scale, sampler, output_type, clip_skip, f"Denoising strength: {strength:g}")
         noise = job.first_draw()
         image_latents = self._posterior_sample(pixels[None] * 2 - 1, job.draw())
         start = _first_step(num_inference_steps, strength)
@@ -235,7 +286,7 @@ class StableDiffusion:
                 negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
                 guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None, batch_size: int = 1,
                 latents=None, mask_blur: float = 0, keep_unmasked: bool = True, output_type: str = "pil",
-                callback: Callback | None = None) -> GenerationResult:
+                callback: Callback | None = None, clip_skip: int = 1) -> GenerationResult:
         """Repaints where `mask` is white (grey: partly), matching diffusers' StableDiffusionInpaintPipeline.
 
         An inpainting UNet (9 input channels) also sees the mask and the masked image's latents; a regular one
@@ -249,7 +300,7 @@ class StableDiffusion:
         pixels, mask = load_image_and_mask(image, mask, mask_blur)
         checks.check_strength(strength)
         job = self._job(prompt, negative_prompt, batch_size, seed, *pixels.shape[:2], num_inference_steps,
-                        guidance_scale, sampler, output_type, f"Denoising strength: {strength:g}",
+                        guidance_scale, sampler, output_type, clip_skip, f"Denoising strength: {strength:g}",
                         f"Mask blur: {mask_blur:g}")
         noise = job.first_draw(latents)
         image = pixels[None] * 2 - 1
@@ -274,7 +325,7 @@ class StableDiffusion:
         return self._finish(job, x0, output_type, keep)
 
     def _job(self, prompt, negative_prompt, batch_size, seed, height, width, steps, guidance_scale, sampler,
-             output_type, *extra: str) -> _Job:
+             output_type, clip_skip, *extra: str) -> _Job:
         """Checks the arguments every mode shares and sets up one generator per image."""
         prompts, negatives = checks.prompt_lists(prompt, negative_prompt, batch_size)
         checks.check_size("height", height)
@@ -282,15 +333,21 @@ class StableDiffusion:
         checks.check_steps(steps)
         checks.check_guidance(guidance_scale)
         checks.check_output_type(output_type)
+        checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
+        if clip_skip > 1:  # A1111 writes it only when it is not the default
+            extra = (f"Clip skip: {clip_skip}", *extra)
         schedule = make_schedule(sampler, steps, self.scheduler_config)  # checks the sampler's name
         seeds = checks.seeds_for(seed, len(prompts))
         shape = (height // 8, width // 8, self.config.vae.latent_channels)
         settings = dict(steps=steps, sampler=sampler, scale=guidance_scale, size=(width, height), extra=extra)
-        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings)
+        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings, clip_skip)
 
     def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
-        cond = self.encode_prompt(job.prompts)
-        uncond = self.encode_prompt(job.negatives) if guidance_scale > 1.0 else None  # diffusers: CFG only above 1
+        guided = guidance_scale > 1.0  # diffusers: CFG only above 1
+        # prompt and negative prompt take as many chunks as the longer of them (empty chunks pad the other)
+        chunks = max(self.chunk_count(p) for p in job.prompts + (job.negatives if guided else []))
+        cond = self.encode_prompt(job.prompts, job.clip_skip, chunks)
+        uncond = self.encode_prompt(job.negatives, job.clip_skip, chunks) if guided else None
         return make_denoiser(self.predict_noise, cond, uncond, guidance_scale,
                              self.scheduler_config.prediction_type, extra_channels)
 

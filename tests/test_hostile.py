@@ -104,15 +104,15 @@ def pipe(checkpoints):
                                     "שלום עולם مرحبا", "🧑‍🚀🐴 (masterpiece:1.3) [[x]]", "\t\n  \r"])
 def test_odd_prompts_generate(pipe, prompt):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the long prompt warns that it was truncated
+        warnings.simplefilter("error")  # none of them warns
         result = pipe.text_to_image(prompt, height=64, width=64, num_inference_steps=1, seed=1, output_type="np")
     assert result.images.shape == (1, 64, 64, 3) and np.isfinite(result.images).all()
     assert result.parameters[0].count("\n") >= 1
 
 
-def test_long_prompt_warns(pipe):
-    with pytest.warns(UserWarning, match="truncated"):
-        pipe.text_to_image("a " * 100, height=64, width=64, num_inference_steps=1, seed=1, output_type="np")
+def test_overlong_prompt_is_an_input_error(pipe):
+    with pytest.raises(InputError, match="prompt too long"):
+        pipe.text_to_image("a " * 3000, height=64, width=64, num_inference_steps=1, seed=1, output_type="np")
 
 
 @pytest.mark.parametrize("kwargs", [dict(height=0), dict(height=-64), dict(width=100), dict(width=4096),

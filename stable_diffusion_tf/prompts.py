@@ -1,0 +1,128 @@
+"""AUTOMATIC1111's prompt syntax: emphasis weights and BREAK (A1111's `parse_prompt_attention` behaviour),
+and the long-prompt chunks built from them (A1111's `sd_hijack_clip` behaviour).
+
+- `(text)` multiplies the weight of its tokens by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by w;
+  groups nest (their multipliers multiply) and a group left open at the end still applies.
+- `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the literal characters.
+- The word `BREAK` ends the current 75-token chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+ROUND, SQUARE = 1.1, 1 / 1.1  # the multipliers of ( ) and [ ]
+BREAK = ["BREAK", -1.0]  # the fragment a BREAK becomes
+CHUNK = 75  # tokens per chunk, between its start and end tokens
+COMMA_BACKTRACK = 20  # a full chunk moves its words after the last comma on if that comma is this close to its end
+
+_TOKENS = re.compile(r"""
+    \\[()\[\]\\]|\\                          # an escaped bracket or backslash (or a lone backslash)
+  | (?P<open>[(\[])                          # a group opens
+  | :\s*(?P<weight>[+-]?[.\d]+)\s*\)         # an explicit weight closes a round group
+  | (?P<close>[)\]])                         # a group closes
+  | [^\\()\[\]:]+                            # text
+  | :                                        # a colon that is not a weight
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """`text` as [fragment, weight] pairs, adjacent equal weights merged; a BREAK is ["BREAK", -1]."""
+    result: list[list] = []
+    round_groups: list[int] = []
+    square_groups: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for fragment in result[start:]:
+            fragment[1] *= factor
+
+    for match in _TOKENS.finditer(text):
+        token, weight = match.group(0), match.group("weight")
+        if token.startswith("\\"):
+            result.append([token[1:], 1.0])
+        elif match.group("open"):
+            (round_groups if token == "(" else square_groups).append(len(result))
+        elif weight is not None and round_groups and _is_float(weight):
+            multiply(round_groups.pop(), float(weight))
+        elif token == ")" and round_groups:
+            multiply(round_groups.pop(), ROUND)
+        elif token == "]" and square_groups:
+            multiply(square_groups.pop(), SQUARE)
+        else:  # text, or a bracket or weight with no group to close: literal text
+            for i, part in enumerate(_BREAK.split(token)):
+                if i:
+                    result.append(list(BREAK))
+                result.append([part, 1.0])
+    for start in round_groups:
+        multiply(start, ROUND)
+    for start in square_groups:
+        multiply(start, SQUARE)
+    if not result:
+        return [["", 1.0]]
+    merged = [result[0]]
+    for fragment in result[1:]:
+        if fragment[1] == merged[-1][1]:
+            merged[-1][0] += fragment[0]
+        else:
+            merged.append(fragment)
+    return merged
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Chunks(NamedTuple):
+    """A prompt as chunks of CHUNK + 2 token ids (start, 75 tokens, end) with a weight per token."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]
+
+
+def chunk_prompt(text: str, tokenize, start_id: int, end_id: int, comma_id: int,
+                 backtrack: int = COMMA_BACKTRACK, length: int = CHUNK) -> Chunks:
+    """Tokenizes each weighted fragment of `text` on its own and packs the tokens into chunks, A1111's way.
+
+    A chunk is closed by BREAK or when full; a full chunk whose last comma is at most `backtrack` tokens from
+    its end hands the tokens after that comma to the next chunk. Chunks are padded with `end_id` (weight 1).
+    `length` is the number of tokens between a chunk's start and end tokens.
+    """
+    CHUNK = length  # noqa: N806
+    ids: list[list[int]] = []
+    weights: list[list[float]] = []
+    current: list[int] = []
+    current_w: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal current, current_w, last_comma
+        pad = CHUNK - len(current)
+        ids.append([start_id, *current, *[end_id] * pad, end_id])
+        weights.append([1.0, *current_w, *[1.0] * pad, 1.0])
+        current, current_w, last_comma = [], [], -1
+
+    for fragment, weight in parse_prompt_attention(text):
+        if weight == -1 and fragment == "BREAK":
+            close()
+            continue
+        for token in tokenize(fragment):
+            if token == comma_id:
+                last_comma = len(current)
+            elif len(current) == CHUNK and last_comma != -1 and CHUNK - last_comma <= backtrack:
+                moved, moved_w = current[last_comma + 1:], current_w[last_comma + 1:]
+                current, current_w = current[:last_comma + 1], current_w[:last_comma + 1]
+                close()
+                current, current_w = moved, moved_w
+            if len(current) == CHUNK:
+                close()
+            current.append(token)
+            current_w.append(weight)
+    if current or not ids:
+        close()
+    return Chunks(ids, weights)
