@@ -22,7 +22,8 @@ import warnings
 
 # numpy and PIL only, all of them: TensorFlow is imported after the flags are checked
 from .checks import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
-from .errors import DownloadError, StableDiffusionError, StableDiffusionWarning
+from .embeddings import SUFFIXES as EMBEDDING_SUFFIXES, embedding_name
+from .errors import DownloadError, InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import DEMO, demo_path, looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
 from .output import check_output_path, numbered_paths, save_png
@@ -102,6 +103,11 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_float_in(0), default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None,
                    help="random seed; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (.pt, .safetensors, .bin) to use by its file name in prompts "
+                        "(repeatable)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="a folder of embeddings: those whose file name appears in the prompts are used")
     p.add_argument("--clip-skip", type=_int_in(1, 48), default=1,
                    help="read the text encoder's N-th last layer (AUTOMATIC1111's numbering; default: 1, the last)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None, mode: str = "text2image") -> int:
             args.image = load_image(args.image)
         elif mode == "inpaint":  # unblurred: inpaint blurs by --mask-blur and records it
             args.image, args.mask = load_image_and_mask(args.image, args.mask)
+        args.embedding = _embedding_files(args)
         paths = numbered_paths(args.output, args.batch)
         for path in paths:
             check_output_path(path, overwrite=args.overwrite)
@@ -194,6 +201,8 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
         loading = time.perf_counter()
         pipe = StableDiffusion.from_pretrained(source, precision=precision, jit_compile=args.jit,
                                                prediction_type=args.prediction_type)
+        for path in args.embedding:
+            pipe.load_embedding(path)
         if args.mode == "text2image":
             height, width = args.H or pipe.default_size, args.W or pipe.default_size
         else:
@@ -217,6 +226,25 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
                for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
     print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))
     return 0
+
+
+def _embedding_files(args: argparse.Namespace) -> list[str]:
+    """--embedding files (each must exist), and those of --embeddings-dir whose name is in a prompt."""
+    files = []
+    for path in args.embedding:
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise InputError(f"argument --embedding: {path!r}: no such file")
+        files.append(os.path.expanduser(path))
+    if args.embeddings_dir is not None:
+        folder = os.path.expanduser(args.embeddings_dir)
+        if not os.path.isdir(folder):
+            raise InputError(f"argument --embeddings-dir: {args.embeddings_dir!r}: no such folder")
+        text = f"{args.prompt}\n{args.negative_prompt or ''}"
+        for entry in sorted(os.listdir(folder)):
+            name = embedding_name(entry)
+            if entry.endswith(EMBEDDING_SUFFIXES) and name and name in text:
+                files.append(os.path.join(folder, entry))
+    return files
 
 
 def _weights_problem(source: str | None) -> str | None:

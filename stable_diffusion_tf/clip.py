@@ -29,9 +29,15 @@ class CLIPEmbeddings(Block):
         self.token_embedding.build()
         self.position_embedding.build()
 
-    def call(self, input_ids):
+    def call(self, input_ids, replacements=None):
+        """`replacements` = (mask (B, L, 1), vectors (B, L, D)): where mask is true, the vector takes the place of
+        the token's embedding (textual-inversion embeddings)."""
         positions = ops.arange(ops.shape(input_ids)[1])
-        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        tokens = self.token_embedding(input_ids)
+        if replacements is not None:
+            mask, vectors = replacements
+            tokens = ops.where(mask, ops.cast(vectors, tokens.dtype), tokens)
+        return tokens + self.position_embedding(positions)[None]
 
 
 class CLIPAttention(Block):
@@ -132,10 +138,10 @@ class CLIPTextModel(Network):
         self.encoder.build()
         build_leaf(self.final_layer_norm, self.config.hidden_size, rank=3)
 
-    def call(self, input_ids, output_hidden_states=False):
+    def call(self, input_ids, output_hidden_states=False, replacements=None):
         length = ops.shape(input_ids)[1]
         causal = ops.triu(ops.full((length, length), float("-inf"), dtype="float32"), k=1)
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, replacements)
         hidden_states = [x]
         for layer in self.encoder.layers:
             x = layer(x, causal)

@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .decoding import ImageDecoder
 from .denoiser import make_denoiser
 from .errors import InputError, StableDiffusionError, StableDiffusionWarning
+from .embeddings import embedding_name, read_embedding
 from .hub import resolve
 from .prompts import chunk_prompt
 from .images import load_image, load_image_and_mask
@@ -97,6 +98,7 @@ class StableDiffusion:
         self.source = source
         self._model_hash: str | None = None
         self._comma_id = self.tokenizer.encode(",")[0]
+        self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion vectors by name (`load_embedding`)
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
@@ -146,12 +148,13 @@ class StableDiffusion:
         empty = self._chunks("")
         ids = np.array([c.ids + empty.ids * (count - len(c.ids)) for c in chunked], np.int32)
         weights = np.array([c.weights + empty.weights * (count - len(c.ids)) for c in chunked], np.float32)
+        fixes = [c.fixes + empty.fixes * (count - len(c.ids)) for c in chunked]
         if self.tokenizer.pad_token_id != self.tokenizer.eos_token_id:  # SD 2.x: pad after the first end token
             after_end = np.cumsum(ids == self.tokenizer.eos_token_id, axis=-1) - (ids == self.tokenizer.eos_token_id)
             ids = np.where(after_end > 0, self.tokenizer.pad_token_id, ids).astype(np.int32)
         out = []
         for j in range(count):
-            z = self._encode_text(ids[:, j], clip_skip)
+            z = self._encode_text(ids[:, j], clip_skip, [f[j] for f in fixes])
             w = weights[:, j, :, None]
             if np.any(w != 1):  # the means in float64: their ratio is ill-conditioned when they are near 0
                 mean = z.mean(dtype=np.float64)
@@ -164,18 +167,39 @@ class StableDiffusion:
         """How many 77-token chunks `prompt` takes (see `encode_prompt`)."""
         return len(self._chunks(prompt).ids)
 
+    def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Registers a textual-inversion embedding (see `embeddings.py`) under `name` (default: the file's stem);
+        prompts and negative prompts use it by that name. Returns the name."""
+        vectors = read_embedding(path, self.config.text_encoder.hidden_size)
+        name = embedding_name(path) if name is None else name
+        if not isinstance(name, str) or not self.tokenizer.encode(name):
+            raise InputError(f"embedding name {name!r} has no tokens; give it a name made of letters or digits")
+        self.embeddings[name] = vectors
+        return name
+
     def _chunks(self, prompt: str):
         t = self.tokenizer
+        embeddings = {tuple(t.encode(name)): (name, len(v)) for name, v in self.embeddings.items()}
         return chunk_prompt(prompt, t.encode, t.bos_token_id, t.eos_token_id, self._comma_id,
-                            length=t.max_length - 2)
+                            length=t.max_length - 2, embeddings=embeddings)
 
-    def _encode_text(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
+    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None) -> np.ndarray:
         """Token ids (B, 77) -> the text encoder's last hidden state, or with clip skip N the N-th last layer's
-        output through the final layer norm; float32."""
+        output through the final layer norm; float32. `fixes[b]` lists (position, embedding name) of row b."""
+        replacements = None
+        if fixes and any(fixes):
+            mask = np.zeros((*ids.shape, 1), bool)
+            vectors = np.zeros((*ids.shape, self.config.text_encoder.hidden_size), np.float32)
+            for row, row_fixes in enumerate(fixes):
+                for position, name in row_fixes:
+                    v = self.embeddings[name]
+                    mask[row, position:position + len(v)] = True
+                    vectors[row, position:position + len(v)] = v
+            replacements = (mask, vectors)
         if clip_skip == 1:
-            z = self.text_encoder(ids)
+            z = self.text_encoder(ids, replacements=replacements)
         else:
-            _, hidden = self.text_encoder(ids, output_hidden_states=True)
+            _, hidden = self.text_encoder(ids, output_hidden_states=True, replacements=replacements)
             z = self.text_encoder.final_layer_norm(hidden[-clip_skip])
         return np.asarray(ops.convert_to_numpy(z), dtype=np.float32)
 

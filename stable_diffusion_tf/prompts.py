@@ -79,50 +79,80 @@ def _is_float(text: str) -> bool:
 
 
 class Chunks(NamedTuple):
-    """A prompt as chunks of CHUNK + 2 token ids (start, 75 tokens, end) with a weight per token."""
+    """A prompt as chunks of CHUNK + 2 token ids (start, 75 tokens, end) with a weight per token, and per chunk
+    the embeddings placed in it: (position in the chunk, counting the start token; embedding name)."""
 
     ids: list[list[int]]
     weights: list[list[float]]
+    fixes: list[list[tuple[int, str]]]
 
 
 def chunk_prompt(text: str, tokenize, start_id: int, end_id: int, comma_id: int,
-                 backtrack: int = COMMA_BACKTRACK, length: int = CHUNK) -> Chunks:
+                 backtrack: int = COMMA_BACKTRACK, length: int = CHUNK,
+                 embeddings: dict[tuple[int, ...], tuple[str, int]] | None = None) -> Chunks:
     """Tokenizes each weighted fragment of `text` on its own and packs the tokens into chunks, A1111's way.
 
     A chunk is closed by BREAK or when full; a full chunk whose last comma is at most `backtrack` tokens from
     its end hands the tokens after that comma to the next chunk. Chunks are padded with `end_id` (weight 1).
-    `length` is the number of tokens between a chunk's start and end tokens.
+    `length` is the number of tokens between a chunk's start and end tokens. `embeddings` maps the token ids
+    of an embedding's name to (name, vector count): where the name's tokens appear (longest name first), the
+    chunk gets that many placeholder ids (0), moved whole to the next chunk if they do not fit.
     """
-    CHUNK = length  # noqa: N806
+    by_first: dict[int, list[tuple[tuple[int, ...], str, int]]] = {}
+    for name_ids, (name, count) in (embeddings or {}).items():
+        by_first.setdefault(name_ids[0], []).append((name_ids, name, count))
+    for candidates in by_first.values():
+        candidates.sort(key=lambda c: -len(c[0]))
     ids: list[list[int]] = []
     weights: list[list[float]] = []
+    fixes: list[list[tuple[int, str]]] = []
     current: list[int] = []
     current_w: list[float] = []
+    current_fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def close() -> None:
-        nonlocal current, current_w, last_comma
-        pad = CHUNK - len(current)
+        nonlocal current, current_w, current_fixes, last_comma
+        pad = length - len(current)
         ids.append([start_id, *current, *[end_id] * pad, end_id])
         weights.append([1.0, *current_w, *[1.0] * pad, 1.0])
-        current, current_w, last_comma = [], [], -1
+        fixes.append([(offset + 1, name) for offset, name in current_fixes])
+        current, current_w, current_fixes, last_comma = [], [], [], -1
 
     for fragment, weight in parse_prompt_attention(text):
         if weight == -1 and fragment == "BREAK":
             close()
             continue
-        for token in tokenize(fragment):
+        tokens = tokenize(fragment)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma_id:
                 last_comma = len(current)
-            elif len(current) == CHUNK and last_comma != -1 and CHUNK - last_comma <= backtrack:
-                moved, moved_w = current[last_comma + 1:], current_w[last_comma + 1:]
-                current, current_w = current[:last_comma + 1], current_w[:last_comma + 1]
+            elif len(current) == length and last_comma != -1 and length - last_comma <= backtrack:
+                cut = last_comma + 1
+                moved, moved_w = current[cut:], current_w[cut:]
+                moved_fixes = [(o - cut, n) for o, n in current_fixes if o >= cut]
+                current, current_w = current[:cut], current_w[:cut]
+                current_fixes = [(o, n) for o, n in current_fixes if o < cut]
                 close()
-                current, current_w = moved, moved_w
-            if len(current) == CHUNK:
+                current, current_w, current_fixes = moved, moved_w, moved_fixes
+            if len(current) == length:
                 close()
-            current.append(token)
-            current_w.append(weight)
+            found = next(((n_ids, name, count) for n_ids, name, count in by_first.get(token, [])
+                          if tuple(tokens[position:position + len(n_ids)]) == n_ids), None)
+            if found is None:
+                current.append(token)
+                current_w.append(weight)
+                position += 1
+                continue
+            name_ids, name, count = found
+            if len(current) + count > length:
+                close()
+            current_fixes.append((len(current), name))
+            current += [0] * count
+            current_w += [weight] * count
+            position += len(name_ids)
     if current or not ids:
         close()
-    return Chunks(ids, weights)
+    return Chunks(ids, weights, fixes)

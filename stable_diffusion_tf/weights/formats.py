@@ -499,4 +499,18 @@ def _torch_zip_index(path: str, fh: Any) -> tuple[zipfile.ZipFile, dict[str, _Te
         obj = obj["state_dict"]  # a Lightning checkpoint, as SD .ckpt files are
     if not isinstance(obj, dict):
         raise _error(path, f"holds a {type(obj).__name__}, not a dict of tensors")
-    return archive, {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Tensor)}
+    return archive, _flat_tensors(obj)
+
+
+def _flat_tensors(obj: dict, prefix: str = "", depth: int = 0) -> dict[str, _Tensor]:
+    """The tensors of a dict; those of dicts inside it under dotted names (`string_to_param.*`, as A1111's
+    embedding files nest them), at most three levels down."""
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, _Tensor):
+            out[prefix + key] = value
+        elif isinstance(value, dict) and depth < 2:
+            out.update(_flat_tensors(value, f"{prefix}{key}.", depth + 1))
+    return out
