@@ -27,6 +27,7 @@ from .errors import DownloadError, InputError, StableDiffusionError, StableDiffu
 from .hub import DEMO, demo_path, looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
 from .output import check_output_path, numbered_paths, save_png
+from .recipe import PNG_KEY, parse_infotext, sampler_from_label
 from .precision import CHOICES as PRECISIONS, WEIGHT_DTYPES
 from .samplers import SAMPLERS
 from .schedules import PREDICTION_TYPES
@@ -78,7 +79,10 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p = _Parser(prog=mode, description=DESCRIPTIONS[mode],
                 epilog="With --batch N > 1 the files are numbered: out.png -> out-0.png, out-1.png, ... "
                        "Each PNG stores its recipe (prompt, steps, sampler, seed...) in a 'parameters' text chunk.")
-    p.add_argument("--prompt", required=True, help="the text to draw")
+    p.add_argument("--prompt", required=True, help="the text to draw (AUTOMATIC1111's syntax: (word:1.2), BREAK, ...)")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="take prompt, negative prompt, steps, sampler, scale, seed, size, clip skip (and strength, "
+                        "mask blur) from a PNG's AUTOMATIC1111 recipe (ours or A1111's); flags given beside it win")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--output", default="output.png", help="PNG file to write (default: output.png)")
     if mode == "text2image":
@@ -134,8 +138,13 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, mode: str = "text2image") -> int:
     """Runs the command line; returns the exit status (0 ok, 2 bad argument or library error, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args = build_parser(mode).parse_args(argv)
+        recipe = _recipe_flags(argv, mode)
+    except StableDiffusionError as e:
+        return _fail(str(e), mode)
+    try:  # the recipe's flags first: flags given on the command line come later, and win
+        args = build_parser(mode).parse_args(recipe + argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     args.mode = mode
@@ -226,6 +235,44 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
                for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
     print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))
     return 0
+
+
+def _recipe_flags(argv: list[str], mode: str) -> list[str]:
+    """The flags a --from-png file's AUTOMATIC1111 recipe stands for (none without --from-png): prompt, negative
+    prompt, steps, sampler, CFG scale, seed, size (text2image), clip skip, denoising strength, mask blur."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-png", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.from_png is None:
+        return []
+    path = os.path.expanduser(known.from_png)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(PNG_KEY) if image.format == "PNG" else None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise InputError(f"argument --from-png: cannot read {known.from_png!r}: {e}") from None
+    if not isinstance(text, str):
+        raise InputError(f"argument --from-png: {known.from_png!r} is not a PNG with a 'parameters' recipe")
+    prompt, negative, settings = parse_infotext(text)
+    flags = [f"--prompt={prompt}"] + ([f"--negative-prompt={negative}"] if negative else [])
+    fields = {"Steps": "--steps", "CFG scale": "--scale", "Seed": "--seed", "Clip skip": "--clip-skip"}
+    if mode != "text2image":
+        fields["Denoising strength"] = "--strength"
+    if mode == "inpaint":
+        fields["Mask blur"] = "--mask-blur"
+    flags += [f"{flag}={settings[key]}" for key, flag in fields.items() if key in settings]
+    if "Sampler" in settings:
+        sampler = sampler_from_label(settings["Sampler"], settings.get("Schedule type"))
+        if sampler is None:
+            raise InputError(f"argument --from-png: sampler {settings['Sampler']!r} of {known.from_png!r} is not "
+                             f"one of ours ({', '.join(SAMPLERS)})")
+        flags.append(f"--sampler={sampler}")
+    if mode == "text2image" and "Size" in settings:
+        width, _, height = settings["Size"].partition("x")
+        flags += [f"--W={width}", f"--H={height}"]
+    return flags
 
 
 def _embedding_files(args: argparse.Namespace) -> list[str]:

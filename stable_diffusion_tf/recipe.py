@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -75,3 +76,36 @@ def with_recipe(image: Image.Image, text: str) -> GeneratedImage:
     image.__class__ = GeneratedImage
     image.info[PNG_KEY] = text
     return image
+
+
+# "Key: value" fields of the settings line; a value is up to the next comma, or a double-quoted string
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) of an AUTOMATIC1111 `parameters` text, read as A1111 reads it: the
+    last line holds the settings when it has at least three "Key: value" fields; lines from one starting with
+    "Negative prompt:" on are the negative prompt. Quoted values are unquoted."""
+    lines = text.strip().split("\n")
+    settings: dict[str, str] = {}
+    if lines and len(fields := _FIELD.findall(lines[-1])) >= 3:
+        lines.pop()
+        for key, value in fields:
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            settings[key.strip()] = value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), settings
+
+
+def sampler_from_label(label: str, schedule: str | None = None) -> str | None:
+    """Our sampler name for an A1111 sampler label (newer A1111 writes the Karras schedule as its own field)."""
+    if schedule and schedule.lower() == "karras" and not label.endswith("Karras"):
+        label = f"{label} Karras"
+    names = {v.lower(): k for k, v in SAMPLER_LABELS.items()}
+    return names.get(label.strip().lower())

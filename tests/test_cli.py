@@ -302,3 +302,51 @@ def test_end_to_end(checkpoints, tmp_path):
     for name, seed in [("x-0.png", 42), ("x-1.png", 43)]:
         size, text = _parameters(tmp_path / name)
         assert size == (96, 64) and "a red cube" in text and f"Seed: {seed}" in text
+
+
+# --- --from-png and A1111 recipes ---------------------------------------------------------------------------------
+
+
+def test_parse_infotext_as_a1111_reads_it():
+    from stable_diffusion_tf.recipe import parse_infotext, sampler_from_label
+
+    text = ("a (cat:1.2), BREAK dog\nsecond line\nNegative prompt: blurry, bad\nmore\nSteps: 20, Sampler: DPM++ 2M, "
+            'Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, Lora hashes: "a: 1, b: 2", Version: v1.9.0')
+    prompt, negative, settings = parse_infotext(text)
+    assert prompt == "a (cat:1.2), BREAK dog\nsecond line" and negative == "blurry, bad\nmore"
+    assert settings["Lora hashes"] == "a: 1, b: 2" and settings["Size"] == "512x768" and settings["Steps"] == "20"
+    assert sampler_from_label(settings["Sampler"], settings["Schedule type"]) == "dpm++2m_karras"
+    assert sampler_from_label("Euler a") == "euler_a" and sampler_from_label("DDIM") == "ddim"
+    assert sampler_from_label("Restart") is None
+    assert parse_infotext("just a prompt, Steps: 3") == ("just a prompt, Steps: 3", "", {})  # < 3 fields: prompt
+
+
+def test_from_png_reproduces_an_image_exactly(checkpoints, tmp_path):
+    flags = ["--weights", checkpoints["safetensors"], "--quiet"]
+    proc = _run(*flags, "--prompt", "a (red:1.3) cube BREAK [sky]", "--negative-prompt", "blurry", "--steps", 2,
+                "--sampler", "euler_a", "--scale", 5.5, "--seed", 7, "--H", 64, "--W", 96, "--clip-skip", 2,
+                "--output", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(*flags, "--from-png", tmp_path / "x.png", "--output", tmp_path / "y.png")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "x.png") as x, Image.open(tmp_path / "y.png") as y:
+        assert x.text["parameters"] == y.text["parameters"] and "Clip skip: 2" in x.text["parameters"]
+        assert x.size == y.size == (96, 64)
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    proc = _run(*flags, "--from-png", tmp_path / "x.png", "--seed", 8, "--output", tmp_path / "z.png")  # flags win
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "z.png") as z:
+        assert "Seed: 8" in z.text["parameters"] and "Sampler: Euler a" in z.text["parameters"]
+
+
+def test_from_png_refuses_files_without_a_usable_recipe(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Restart, CFG scale: 7, Seed: 1, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(tmp_path / "restart.png", pnginfo=info)
+    for name, fragment in (("plain.png", "recipe"), ("restart.png", "Restart"), ("missing.png", "cannot read")):
+        proc = _run("--from-png", tmp_path / name, "--output", tmp_path / "out.png")
+        _assert_one_error_line(proc, "--from-png", fragment)
+    assert not (tmp_path / "out.png").exists()
