@@ -99,6 +99,7 @@ class StableDiffusion:
         self._model_hash: str | None = None
         self._comma_id = self.tokenizer.encode(",")[0]
         self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion vectors by name (`load_embedding`)
+        self._embedding_hashes: dict[str, str] = {}  # A1111's short hash of each embedding's file
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
@@ -175,6 +176,7 @@ class StableDiffusion:
         if not isinstance(name, str) or not self.tokenizer.encode(name):
             raise InputError(f"embedding name {name!r} has no tokens; give it a name made of letters or digits")
         self.embeddings[name] = vectors
+        self._embedding_hashes[name] = model_hash(path, 12)
         return name
 
     def _chunks(self, prompt: str):
@@ -360,6 +362,11 @@ class StableDiffusion:
         checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
         if clip_skip > 1:  # A1111 writes it only when it is not the default
             extra = (f"Clip skip: {clip_skip}", *extra)
+        used = sorted({name for text in prompts + negatives for chunk in self._chunks(text).fixes
+                       for _, name in chunk})
+        if used:  # as A1111 writes them: "name: first 12 hex digits of the file's SHA-256, ..."
+            extra = (*extra, 'TI hashes: "' + ", ".join(f"{n}: {self._embedding_hashes.get(n, '')}" for n in used)
+                     + '"')
         schedule = make_schedule(sampler, steps, self.scheduler_config)  # checks the sampler's name
         seeds = checks.seeds_for(seed, len(prompts))
         shape = (height // 8, width // 8, self.config.vae.latent_channels)

@@ -30,9 +30,9 @@ def infotext(prompt: str, negative_prompt: str, steps: int, sampler: str, scale:
     return "\n".join(lines + [", ".join(fields + list(extra))])
 
 
-def model_hash(source: str | os.PathLike) -> str:
+def model_hash(source: str | os.PathLike, digits: int = 10) -> str:
     """AUTOMATIC1111's model hash: the first 10 hex digits of the weights file's SHA-256 (a diffusers folder: its
-    UNet file's)."""
+    UNet file's); embeddings and LoRAs use the first 12."""
     path = os.fspath(source)
     if os.path.isdir(path):
         unet = os.path.join(path, "unet")
@@ -41,7 +41,7 @@ def model_hash(source: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()[:digits]
 
 
 def model_name(source: str | os.PathLike) -> str:

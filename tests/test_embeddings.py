@@ -83,6 +83,11 @@ def test_an_embedding_in_the_negative_prompt_and_weighted(pipe, tmp_path):
     finally:
         pipe.embeddings.clear()
     assert not np.allclose(plain, weighted) and np.isfinite(result.images).all()
+    import hashlib
+
+    with open(tmp_path / "myemb.safetensors", "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    assert f'TI hashes: "badthing: {digest}"' in result.parameters[0]
 
 
 def test_an_embedding_that_does_not_fit_moves_to_the_next_chunk(pipe, tmp_path):
