@@ -16,11 +16,22 @@ def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guid
     The UNet sees x / sqrt(1 + sigma**2) (the VP latent, diffusers' `scale_model_input`) at timestep t.
     With `uncond`, both halves run as one batched call and are mixed as Ho & Salimans (2022):
     out = out_u + scale * (out_c - out_u), on the raw model output as diffusers does.
-    `extra_channels` (inpainting UNets) are concatenated after the latents.
+    `extra_channels` (inpainting UNets) are concatenated after the latents. `cond` and `uncond` may be functions
+    of the call's index (0, 1, ...) giving that call's conditioning (scheduled prompts).
     """
-    context = cond if uncond is None else np.concatenate([uncond, cond])
+    calls = [0]  # model calls so far: scheduled prompts change their conditioning by it, as A1111 does
+
+    def context_at(call: int) -> np.ndarray:
+        c = cond(call) if callable(cond) else cond
+        if uncond is None:
+            return c
+        return np.concatenate([uncond(call) if callable(uncond) else uncond, c])
+
+    fixed = None if callable(cond) or callable(uncond) else context_at(0)
 
     def denoise(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
+        context = fixed if fixed is not None else context_at(calls[0])
+        calls[0] += 1
         scale = 1.0 / np.sqrt(sigma**2 + 1.0)
         model_in = (x * scale).astype(np.float32)
         if extra_channels is not None:

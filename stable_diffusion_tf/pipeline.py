@@ -19,7 +19,7 @@ from .denoiser import make_denoiser
 from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .embeddings import embedding_name, read_embedding
 from .hub import resolve
-from .prompts import chunk_prompt
+from .prompts import chunk_prompt, prompt_schedule
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
 from .samplers import add_noise, initial_latent, inpaint_blend, sample
@@ -141,6 +141,11 @@ class StableDiffusion:
         1 is the last layer).
         """
         prompts, _ = checks.prompt_lists(prompts, None, 1)
+        return self._encode_texts(prompts, clip_skip, chunks, [[i] for i in range(len(prompts))])
+
+    def _encode_texts(self, prompts: list[str], clip_skip: int, chunks: int, groups: list[list[int]]) -> np.ndarray:
+        """`encode_prompt`, with the mean restored over each group of rows: each prompt alone, as A1111 encodes
+        each prompt on its own; the texts of one prompt's schedule together, as A1111 encodes them."""
         checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
         chunked = [self._chunks(p) for p in prompts]
         count = max(chunks, *(len(c.ids) for c in chunked))
@@ -157,10 +162,11 @@ class StableDiffusion:
         for j in range(count):
             z = self._encode_text(ids[:, j], clip_skip, [f[j] for f in fixes])
             w = weights[:, j, :, None]
-            if np.any(w != 1):  # the means in float64: their ratio is ill-conditioned when they are near 0
-                mean = z.mean(dtype=np.float64)
-                z = z * w
-                z = z * np.float32(mean / z.mean(dtype=np.float64))
+            for rows in groups:  # the means in float64: their ratio is ill-conditioned when they are near 0
+                if np.any(w[rows] != 1):
+                    mean = z[rows].mean(dtype=np.float64)
+                    weighted = z[rows] * w[rows]
+                    z[rows] = weighted * np.float32(mean / weighted.mean(dtype=np.float64))
             out.append(z)
         return np.concatenate(out, axis=1)
 
@@ -375,12 +381,39 @@ class StableDiffusion:
 
     def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
         guided = guidance_scale > 1.0  # diffusers: CFG only above 1
-        # prompt and negative prompt take as many chunks as the longer of them (empty chunks pad the other)
-        chunks = max(self.chunk_count(p) for p in job.prompts + (job.negatives if guided else []))
-        cond = self.encode_prompt(job.prompts, job.clip_skip, chunks)
-        uncond = self.encode_prompt(job.negatives, job.clip_skip, chunks) if guided else None
+        texts = job.prompts + (job.negatives if guided else [])
+        steps = job.settings["steps"]
+        schedules = [prompt_schedule(t, steps) for t in texts]
+        # prompt and negative prompt take as many chunks as the longest of their texts (empty chunks pad the rest)
+        chunks = max(self.chunk_count(text) for schedule in schedules for _, text in schedule)
+        if all(len(schedule) == 1 for schedule in schedules):
+            cond = self.encode_prompt(job.prompts, job.clip_skip, chunks)
+            uncond = self.encode_prompt(job.negatives, job.clip_skip, chunks) if guided else None
+        else:
+            conditioning = self._scheduled_conditioning(schedules, job.clip_skip, chunks)
+            b = len(job.prompts)
+            cond = lambda call: conditioning(call)[:b]  # noqa: E731
+            uncond = (lambda call: conditioning(call)[b:]) if guided else None
         return make_denoiser(self.predict_noise, cond, uncond, guidance_scale,
                              self.scheduler_config.prediction_type, extra_channels)
+
+    def _scheduled_conditioning(self, schedules, clip_skip: int, chunks: int):
+        """`conditioning(call)`: the rows of every prompt at the denoiser's call `call`, A1111's way: call i uses
+        the first text of its prompt's schedule whose last step is at least i. Each prompt's texts are encoded
+        together, once."""
+        encoded = []
+        for schedule in schedules:
+            texts = [text for _, text in schedule]
+            encoded.append(self._encode_texts(texts, clip_skip, chunks, [list(range(len(texts)))]))
+
+        def conditioning(call: int) -> np.ndarray:
+            rows = []
+            for schedule, z in zip(schedules, encoded):
+                index = next((i for i, (last, _) in enumerate(schedule) if call <= last), len(schedule) - 1)
+                rows.append(z[index])
+            return np.stack(rows)
+
+        return conditioning
 
     def _finish(self, job: _Job, x0: np.ndarray, output_type: str, composite=None) -> GenerationResult:
         """Checks the final latents, decodes them and attaches each image's recipe; `composite(images)` pastes."""

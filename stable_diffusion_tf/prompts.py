@@ -156,3 +156,141 @@ def chunk_prompt(text: str, tokenize, start_id: int, end_id: int, comma_id: int,
     if current or not ids:
         close()
     return Chunks(ids, weights, fixes)
+
+
+# -- prompt editing: [from:to:when] and [a|b] (A1111's scheduled and alternating prompts) --------------------------
+
+class Scheduled(NamedTuple):
+    """`[before:after:when]` (before None for `[after:when]`)."""
+
+    before: list | None
+    after: list
+    when: float
+
+
+class Alternate(NamedTuple):
+    """`[a|b|...]`: option (step - 1) % n at step `step`."""
+
+    options: list
+
+
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
+
+
+class _Fail(Exception):
+    pass
+
+
+def _parse(text: str, pos: int, stops: str, top: bool, bar_literal: bool = False) -> tuple[list, int]:
+    """Nodes from `pos` up to a character of `stops` (or the end, at the top level): str, Scheduled, Alternate,
+    and bracket groups kept as lists [open, nodes..., close] (emphasis, read later by parse_prompt_attention)."""
+    nodes: list = []
+    n = len(text)
+    while pos < n:
+        ch = text[pos]
+        if ch == "\\" and pos + 1 < n:
+            nodes.append(text[pos:pos + 2])
+            pos += 2
+        elif ch in stops:
+            return nodes, pos
+        elif ch in "([":
+            try:
+                node, pos = (_paren if ch == "(" else _square)(text, pos)
+                nodes.append(node)
+            except _Fail:
+                if not top:
+                    raise
+                nodes.append(ch)
+                pos += 1
+        elif ch in ")]:|" and not top and not (ch == "|" and bar_literal):
+            raise _Fail
+        else:
+            nodes.append(ch)
+            pos += 1
+    if not top:
+        raise _Fail  # a group that never closes
+    return nodes, pos
+
+
+def _paren(text: str, pos: int):
+    inner, pos = _parse(text, pos + 1, ":)", False)
+    if text[pos] == ")":
+        return ["(", inner, ")"], pos + 1
+    weight, end = _parse(text, pos + 1, ")", False)
+    return ["(", inner, ":", weight, ")"], end + 1
+
+
+def _square(text: str, pos: int):
+    start = pos
+    try:
+        first, pos = _parse(text, start + 1, ":|]", False)
+    except _Fail:
+        first = None
+    if first is not None and text[pos] == "]":
+        return ["[", first, "]"], pos + 1
+    if first is not None and text[pos] == "|":
+        options = [first]
+        try:
+            while text[pos] == "|":
+                option, pos = _parse(text, pos + 1, "|]", False)
+                options.append(option)
+            return Alternate(options), pos + 1
+        except _Fail:
+            pass
+    # [to:when] or [from:to:when]; "|" may stand in their text (A1111 reads "[{b|d{:.5]" so)
+    first, pos = _parse(text, start + 1, ":]", False, bar_literal=True)
+    if text[pos] != ":":
+        raise _Fail
+    number = _NUMBER.match(text, pos + 1)
+    if number:
+        return Scheduled(None, first, float(number.group(1))), number.end()
+    second, pos = _parse(text, pos + 1, ":]", False, bar_literal=True)
+    number = _NUMBER.match(text, pos + 1) if text[pos] == ":" else None
+    if number is None:
+        raise _Fail
+    return Scheduled(first, second, float(number.group(1))), number.end()
+
+
+def _steps(nodes, steps: int, found: set) -> bool:
+    """Collects the steps where a scheduled part switches; True if the prompt alternates."""
+    alternates = False
+    for node in nodes:
+        if isinstance(node, Scheduled):
+            when = node.when * steps if node.when < 1 else node.when
+            if min(steps, int(when)) >= 1:
+                found.add(min(steps, int(when)))
+            alternates |= _steps(node.before or [], steps, found) | _steps(node.after, steps, found)
+        elif isinstance(node, Alternate):
+            alternates = True
+            for option in node.options:
+                _steps(option, steps, found)
+        elif isinstance(node, list):
+            alternates |= _steps(node, steps, found)
+    return alternates
+
+
+def _render(nodes, step: int, steps: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, Scheduled):
+            when = node.when * steps if node.when < 1 else node.when
+            out.append(_render(node.before or [], step, steps) if step <= min(steps, int(when))
+                       else _render(node.after, step, steps))
+        elif isinstance(node, Alternate):
+            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+        else:
+            out.append(_render(node, step, steps))
+    return "".join(out)
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """A prompt's texts over `steps` sampling steps, as [(last step, text)], A1111's way: `[to:when]` adds text
+    after step `when` (a fraction of the steps when below 1), `[from::when]` removes it, `[from:to:when]` swaps;
+    `[a|b]` alternates every step. Text without these constructs is one entry, unchanged."""
+    nodes, _ = _parse(text, 0, "", True)
+    found = {steps}
+    if _steps(nodes, steps, found):
+        found |= set(range(1, steps + 1))
+    return [(step, _render(nodes, step, steps)) for step in sorted(found)]

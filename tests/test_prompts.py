@@ -126,16 +126,19 @@ def reference_conditioning(text_encoder, tokenizer, prompts_fragments, clip_skip
     per_prompt = [reference_chunks(tokenizer, f, count) for f in prompts_fragments]
     out = []
     for j in range(count):
-        ids = torch.tensor([p[j][0] for p in per_prompt])
-        w = torch.tensor([p[j][1] for p in per_prompt], dtype=torch.float32)[..., None]
-        with torch.no_grad():
-            result = text_encoder(ids, output_hidden_states=True)
-            z = result.last_hidden_state if clip_skip == 1 else \
-                text_encoder.final_layer_norm(result.hidden_states[-clip_skip])
-            mean = z.double().mean()
-            z = z * w
-            z = z * (mean / z.double().mean()).float()
-        out.append(z.numpy())
+        rows = []
+        for p in per_prompt:  # A1111 encodes each prompt on its own: the mean is the prompt's
+            ids = torch.tensor([p[j][0]])
+            w = torch.tensor([p[j][1]], dtype=torch.float32)[..., None]
+            with torch.no_grad():
+                result = text_encoder(ids, output_hidden_states=True)
+                z = result.last_hidden_state if clip_skip == 1 else \
+                    text_encoder.final_layer_norm(result.hidden_states[-clip_skip])
+                mean = z.double().mean()
+                z = z * w
+                z = z * (mean / z.double().mean()).float()
+            rows.append(z.numpy())
+        out.append(np.concatenate(rows))
     return np.concatenate(out, axis=1)
 
 
@@ -145,7 +148,8 @@ def test_weighted_long_prompts_match_transformers(pipe, reference, hf_tokenizer,
     expected = reference_conditioning(text_encoder, hf_tokenizer, [SHORT_FRAGMENTS, LONG_FRAGMENTS], clip_skip)
     got = pipe.encode_prompt([SHORT, LONG], clip_skip=clip_skip)
     assert got.shape == expected.shape == (2, 2 * 77, text_encoder.config.hidden_size)
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # 1e-5 absolute and relative: restoring the mean divides by one prompt's mean, a small number
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_plain_short_prompts_are_encoded_as_before(pipe):
@@ -169,3 +173,61 @@ def test_a_long_prompt_generates_and_records_clip_skip(pipe):
 
     with pytest.raises(InputError, match="clip_skip"):
         pipe.encode_prompt("a", clip_skip=0)
+
+
+# A1111 modules/prompt_parser.py, get_learned_conditioning_prompt_schedules' doctests (10 steps)
+SCHEDULES = [
+    ("test", [[10, "test"]]),
+    ("a [b:3]", [[3, "a "], [10, "a b"]]),
+    ("a [b: 3]", [[3, "a "], [10, "a b"]]),
+    ("a [[[b]]:2]", [[2, "a "], [10, "a [[b]]"]]),
+    ("[(a:2):3]", [[3, ""], [10, "(a:2)"]]),
+    ("a [b : c : 1] d", [[1, "a b  d"], [10, "a  c  d"]]),
+    ("a[b:[c:d:2]:1]e", [[1, "abe"], [2, "ace"], [10, "ade"]]),
+    ("a [unbalanced", [[10, "a [unbalanced"]]),
+    ("a [b:.5] c", [[5, "a  c"], [10, "a b c"]]),
+    ("a [{b|d{:.5] c", [[5, "a  c"], [10, "a {b|d{ c"]]),
+    ("((a][:b:c [d:3]", [[3, "((a][:b:c "], [10, "((a][:b:c d"]]),
+    ("[a|(b:1.1)]", [[s, "a" if s % 2 else "(b:1.1)"] for s in range(1, 11)]),
+    ("[fe|]male", [[s, "female" if s % 2 else "male"] for s in range(1, 11)]),
+    ("[fe|||]male", [[s, "female" if s % 4 == 1 else "male"] for s in range(1, 11)]),
+]
+
+
+@pytest.mark.parametrize("text, expected", SCHEDULES, ids=[t for t, _ in SCHEDULES])
+def test_prompt_schedules(text, expected):
+    from stable_diffusion_tf.prompts import prompt_schedule
+
+    assert [list(e) for e in prompt_schedule(text, 10)] == expected
+
+
+@pytest.mark.parametrize("text", [r"a \[b:3\] (c:1.2) [d] \\ e", "x)y]z:w|v", "[a:b]", "[a|b", "(a:", "[[", "]]:"])
+def test_text_without_editing_is_one_unchanged_entry(text):
+    from stable_diffusion_tf.prompts import prompt_schedule
+
+    assert prompt_schedule(text, 20) == [(20, text)]
+
+
+def test_scheduled_prompts_change_the_conditioning_by_model_call(pipe):
+    """'a [cube:sphere:2]' over 4 steps: calls 0-2 see 'a cube', call 3 'a sphere'; '[x|y]' is x, x, y, x. A1111
+    counts model calls from 0 and uses the first schedule entry whose last step is at least that count."""
+    seen = []
+    original = pipe.predict_noise
+
+    def spy(latents, timesteps, context):
+        seen.append(np.array(context))
+        return original(latents, timesteps, context)
+
+    pipe.predict_noise = spy
+    try:
+        pipe.text_to_image("a [cube:sphere:2]", negative_prompt="[x|y]", height=64, width=64, num_inference_steps=4,
+                           seed=1, output_type="np")
+    finally:
+        del pipe.predict_noise
+    assert len(seen) == 4
+    cube, sphere = pipe.encode_prompt("a cube"), pipe.encode_prompt("a sphere")
+    x, y = pipe.encode_prompt("x"), pipe.encode_prompt("y")
+    for call, context in enumerate(seen):
+        # (a schedule's texts are encoded as one batch: equal to one at a time up to float rounding)
+        np.testing.assert_allclose(context[1:], cube if call <= 2 else sphere, atol=1e-5)
+        np.testing.assert_allclose(context[:1], y if call == 2 else x, atol=1e-5)
