@@ -37,6 +37,14 @@ def checkpoints(reference, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pipe(checkpoints):
+    """Our pipeline on the reference models' CompVis .safetensors (modules may define their own `pipe`)."""
+    from stable_diffusion_tf import StableDiffusion
+
+    return StableDiffusion.from_pretrained(checkpoints["safetensors"])
+
+
+@pytest.fixture(scope="session")
 def inpainting_unet():
     """A torch reference UNet with 9 input channels (latents + mask + masked-image latents), random weights."""
     from reference import build_inpainting_unet

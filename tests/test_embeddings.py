@@ -10,15 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from reference import diffusers_pipeline
-from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, UnsupportedModelError
+from stable_diffusion_tf import CheckpointError, InputError, UnsupportedModelError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of myemb on a table"
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    return StableDiffusion.from_pretrained(checkpoints["safetensors"])
 
 
 @pytest.fixture(scope="module")

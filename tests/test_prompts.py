@@ -91,13 +91,6 @@ LONG_FRAGMENTS = [("cube " * 80, 1.0), ("sphere", 0.8)]
 
 
 @pytest.fixture(scope="module")
-def pipe(checkpoints):
-    from stable_diffusion_tf import StableDiffusion
-
-    return StableDiffusion.from_pretrained(checkpoints["safetensors"])
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     return reference_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
 
