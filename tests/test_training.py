@@ -106,17 +106,20 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Interrupted in the autoencoder stage, resumed, finished, then continued with more diffusion steps: the same
+    weights, optimiser moments, EMA and losses as one uninterrupted run, bit for bit."""
     from stable_diffusion_tf.training.trainer import Trainer
 
-    whole = Trainer(tiny(), tmp_path / "whole")
+    whole = Trainer(tiny(steps=4), tmp_path / "whole")
     whole.run()
-    first = Trainer(tiny(), tmp_path / "parts")
-    first.run(stop_after=4)  # all 3 autoencoder steps and one diffusion step, then stopped
-    assert len(first.history["diffusion"]) == 1
-    second = Trainer(tiny(), tmp_path / "parts")  # a new process would start here
-    history = second.run()
-    assert history == whole.history
-    expected, got = state(whole), state(second)
+    first = Trainer(tiny(steps=2), tmp_path / "parts")
+    first.run(stop_after=2)  # two of the three autoencoder steps, then stopped
+    assert len(first.history["vae"]) == 2 and not first.history["diffusion"]
+    Trainer(tiny(steps=2), tmp_path / "parts").run()  # a new process would start here
+    longer = Trainer(tiny(steps=4), tmp_path / "parts")  # the finished run, given more steps
+    history = longer.run()
+    assert history == whole.history and len(history["diffusion"]) == 4
+    expected, got = state(whole), state(longer)
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
@@ -224,6 +227,17 @@ def test_the_compvis_layout_is_the_one_real_files_use(checkpoints, tmp_path):
         np.testing.assert_allclose(written[key], value.astype(np.float32), atol=0, rtol=0, err_msg=key)
 
 
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A tiny model written before any training step: (trainer, path)."""
+    from stable_diffusion_tf.training.trainer import Trainer
+
+    folder = tmp_path_factory.mktemp("untrained")
+    trainer = Trainer(tiny(vae_steps=0, steps=0), folder)
+    trainer.export(folder / "good.safetensors", dtype="float32")
+    return trainer, str(folder / "good.safetensors")
+
+
 def _with_metadata(source, target, change):
     from stable_diffusion_tf.weights.load import CONFIG_METADATA
 
@@ -245,27 +259,21 @@ def _with_metadata(source, target, change):
     (lambda c: c["text_encoder"].update(hidden_act="os.system"), "impossible text-encoder activation"),
     (lambda c: c.pop("unet"), "unusable"),
 ])
-def test_a_config_in_the_metadata_is_checked(tmp_path, change, message):
+def test_a_config_in_the_metadata_is_checked(untrained, tmp_path, change, message):
     from stable_diffusion_tf import StableDiffusion
-    from stable_diffusion_tf.training.trainer import Trainer
 
-    trainer = Trainer(tiny(vae_steps=0, steps=0), tmp_path)
-    trainer.export(tmp_path / "good.safetensors", dtype="float32")
-    bad = _with_metadata(str(tmp_path / "good.safetensors"), str(tmp_path / "bad.safetensors"), change)
+    bad = _with_metadata(untrained[1], str(tmp_path / "bad.safetensors"), change)
     with pytest.raises(CheckpointError, match=message):
         StableDiffusion.from_pretrained(bad)
 
 
-def test_heads_from_the_metadata_are_used(tmp_path):
+def test_heads_from_the_metadata_are_used(untrained, tmp_path):
     from stable_diffusion_tf.weights.load import load
-    from stable_diffusion_tf.training.trainer import Trainer
 
-    trainer = Trainer(tiny(vae_steps=0, steps=0), tmp_path)
-    trainer.export(tmp_path / "good.safetensors", dtype="float32")
-    path = _with_metadata(str(tmp_path / "good.safetensors"), str(tmp_path / "four.safetensors"),
-                          lambda c: c["unet"].update(num_attention_heads=[4, 4]))
+    trainer, good = untrained
+    path = _with_metadata(good, str(tmp_path / "four.safetensors"), lambda c: c["unet"].update(num_attention_heads=[4, 4]))
     assert load(path).config.unet.num_attention_heads == (4, 4)
-    assert load(str(tmp_path / "good.safetensors")).config == trainer.model_config()
+    assert load(good).config == trainer.model_config()
 
 
 # -- the command line ----------------------------------------------------------------------------------------------

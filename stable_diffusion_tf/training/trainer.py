@@ -62,7 +62,7 @@ class TrainConfig:
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6  # per pixel, as the paper's KL-f8 (1e-6 on sums over the image)
     edge_weight: float = 1.0
-    steps: int = 5000
+    steps: int = 8000
     batch_size: int = 32
     learning_rate: float = 3e-4
     caption_dropout: float = 0.1
@@ -73,6 +73,14 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def run_identity(self) -> dict:
+        """What a saved state must agree on to be resumed: everything but the stage lengths and the checkpoint
+        interval (nothing in a step depends on them, so a finished run can be continued with more steps)."""
+        values = json.loads(self.to_json())
+        for key in ("steps", "vae_steps", "checkpoint_every"):
+            values.pop(key)
+        return values
 
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step done, steps in the stage, loss)
@@ -284,11 +292,20 @@ class Trainer:
             return False
         with safe_open(path, "np") as f:
             saved = (f.metadata() or {}).get("train_config")
-            if saved != self.config.to_json():
+            try:
+                identity = TrainConfig(**{**json.loads(saved), "model": self.config.model}).run_identity()
+                same = identity == self.config.run_identity() and json.loads(saved)["model"] == \
+                    json.loads(self.config.to_json())["model"]
+            except (TypeError, ValueError):
+                same = False
+            if not same:
                 raise ValueError(f"{path} was made by a different training configuration; use another workdir")
             for name, variable in self._state_variables().items():
                 variable.assign(f.get_tensor(name))
             self.history = {stage: [float(x) for x in f.get_tensor(f"history/{stage}")] for stage in STAGES}
+        if len(self.history["vae"]) > self.config.vae_steps and self.history["diffusion"]:
+            raise ValueError(f"{path}: the autoencoder was trained for {len(self.history['vae'])} steps, more than "
+                             f"--vae-steps {self.config.vae_steps}, and the diffusion stage has begun")
         return True
 
     # -- the model -----------------------------------------------------------------------------------------
