@@ -109,7 +109,8 @@ class StableDiffusion:
     def from_pretrained(cls, source: str | os.PathLike | None = None, precision: str = "float32",
                         jit_compile: bool = False, config: ModelConfig | None = None,
                         prediction_type: str | None = None) -> "StableDiffusion":
-        """Loads a .safetensors/.ckpt single file, a diffusers folder, or a Hub repo id (None: SD 1.5).
+        """Loads a .safetensors/.ckpt single file, a diffusers folder, a Hub repo id (None: SD 1.5), or "demo" (the
+        small model shipped in this package, see `training`).
 
         `precision`: "float32", "bfloat16" or "float16" (the mixed forms: 16-bit weights, float32 norms and
         sampler math), or "auto": float16 on a GPU, bfloat16 on a CPU that computes it natively, else float32.
