@@ -24,7 +24,7 @@ from test_text_to_image import DETERMINISTIC
 LAYOUTS = ["safetensors", "diffusers"]
 TOL = 1e-4
 # no "!": transformers' SD 2.x tokenizer turns it into its pad token 0, OpenCLIP (and this package) into 256
-PROMPTS = ["a photograph of an astronaut riding a horse", "", "(masterpiece:1.2), a cat 🐱 on a mat, 4k"]
+PROMPTS = ["a photograph of an astronaut riding a horse", "", "masterpiece, a cat 🐱 on a mat, 4k"]
 PROMPT, NEGATIVE = "an astronaut riding a horse, oil painting", "blurry, low quality"
 
 
