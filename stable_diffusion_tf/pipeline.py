@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from typing import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -19,6 +21,7 @@ from .denoiser import make_denoiser
 from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .embeddings import embedding_name, read_embedding
 from .hub import resolve
+from .lora import LoraFile, LoraTag, lora_name, lora_tags, read_lora, target_names
 from .prompts import chunk_prompt, prompt_schedule
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
@@ -26,7 +29,9 @@ from .samplers import add_noise, initial_latent, inpaint_blend, sample
 from .schedules import PREDICTION_TYPES, Schedule, SchedulerConfig, make_schedule
 from .tokenizer import CLIPTokenizer
 from .vae import AutoencoderKL
+from .weights.assign import leaf_layers, torch_shape
 from .weights.load import Models, load, load_vae
+from .weights.names import UNET_PREFIX, unet_compvis
 
 Callback = Callable[[int, int, np.ndarray], None]
 
@@ -66,6 +71,7 @@ class _Job:
     schedule: Schedule
     settings: dict  # the recipe's fields: steps, sampler, scale, size
     clip_skip: int = 1
+    texts: list[str] | None = None  # the prompts as encoded: without their <lora:...> tags
 
     def draw(self, step: int | None = None) -> np.ndarray:
         """The next standard normal draw of every image's generator, (B, h, w, C)."""
@@ -100,6 +106,10 @@ class StableDiffusion:
         self._comma_id = self.tokenizer.encode(",")[0]
         self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion vectors by name (`load_embedding`)
         self._embedding_hashes: dict[str, str] = {}  # A1111's short hash of each embedding's file
+        self.loras: dict[str, LoraFile] = {}  # LoRA files by name (`load_lora`)
+        self._lora_layers: dict | None = None  # (part, layer name) -> the Dense or Conv2D a LoRA may change
+        self._lora_backups: dict[tuple[str, str], np.ndarray] = {}  # base kernels of the layers LoRAs changed
+        self._active_loras: tuple | None = ()  # (name, te, unet) of the LoRAs merged now; None: unknown
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
@@ -139,10 +149,13 @@ class StableDiffusion:
         prompts longer than 75 tokens, and BREAK, make more 77-token chunks, each encoded on its own and
         concatenated. k is the largest chunk count of the batch and at least `chunks`: shorter prompts get empty
         chunks. `clip_skip` N > 1 reads the N-th last layer through the final layer norm (A1111's numbering:
-        1 is the last layer).
+        1 is the last layer). `<lora:name:weight>` tags are taken out of the text and their LoRAs applied
+        (exactly the first prompt's, see `load_lora`), so the conditioning is the LoRA'd text encoder's.
         """
         prompts, _ = checks.prompt_lists(prompts, None, 1)
-        return self._encode_texts(prompts, clip_skip, chunks, [[i] for i in range(len(prompts))])
+        texts, tags = self._prompt_loras(prompts)
+        self.apply_loras(tags)
+        return self._encode_texts(texts, clip_skip, chunks, [[i] for i in range(len(texts))])
 
     def _encode_texts(self, prompts: list[str], clip_skip: int, chunks: int, groups: list[list[int]]) -> np.ndarray:
         """`encode_prompt`, with the mean restored over each group of rows: each prompt alone, as A1111 encodes
@@ -185,6 +198,76 @@ class StableDiffusion:
         self.embeddings[name] = vectors
         self._embedding_hashes[name] = model_hash(path, 12)
         return name
+
+    def load_lora(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Registers a LoRA file (kohya/A1111, LoCon, LoHa, LoKr or diffusers/PEFT; see `lora.py`) under `name`
+        (default: the file's stem) and returns the name. Every key and shape is checked against this model here.
+
+        Prompts use it as AUTOMATIC1111 does: `<lora:name:weight>` (or `<lora:name:te_weight:unet_weight>`) in the
+        prompt adds weight x alpha/rank x the file's update to the layers it names, merged into the weights
+        before the generation (no cost per step). The first prompt's tags count for the whole batch, as in A1111;
+        a generation without tags runs on the base weights, which are put back bit for bit. Several LoRAs may be
+        used at once; changing them or their weights between generations reads no file again.
+        """
+        layers = self._lora_targets()
+        unet = [layer for part, layer in layers if part == "unet"]
+        text = [layer for part, layer in layers if part == "text_encoder"]
+        compvis = (lambda layer: unet_compvis(f"{layer}.weight", self.config.unet)
+                   .removeprefix(UNET_PREFIX).removesuffix(".weight"))
+        shapes = {key: torch_shape(leaf, "weight", leaf.kernel.shape) for key, leaf in layers.items()}
+        lora = read_lora(path, target_names(unet, text, compvis), shapes, self.config.family)
+        name = lora_name(path) if name is None else name
+        if not isinstance(name, str) or not re.fullmatch(r"[^<>:]+", name) or name != name.strip():
+            raise InputError(f"LoRA name {name!r} cannot be written in a <lora:name:weight> tag; give another name")
+        self.loras[name] = lora
+        if any(active[0] == name for active in self._active_loras or ()):
+            self._active_loras = None  # the same name, another file: apply again
+        return name
+
+    def _lora_targets(self) -> dict:
+        if self._lora_layers is None:
+            self._lora_layers = {(part, name): leaf for part, network in (("unet", self.unet),
+                                                                           ("text_encoder", self.text_encoder))
+                                 for name, leaf in leaf_layers(network).items()
+                                 if isinstance(leaf, (keras.layers.Dense, keras.layers.Conv2D))}
+        return self._lora_layers
+
+    def _prompt_loras(self, prompts: list[str]) -> tuple[list[str], list[LoraTag]]:
+        """The prompts without their extra-network tags, and the LoRA tags of the first (A1111's rule)."""
+        stripped = [lora_tags(p) for p in prompts]
+        return [text for text, _ in stripped], stripped[0][1]
+
+    def apply_loras(self, tags: list[LoraTag]) -> None:
+        """Merges exactly these LoRAs (registered by `load_lora`) into the weights, putting back the base weights of
+        layers no longer changed; nothing happens when they are already applied. `apply_loras([])` restores the
+        base model bit for bit."""
+        wanted = tuple((t.name, t.te, t.unet) for t in tags)
+        if wanted == self._active_loras:
+            return
+        for tag in tags:
+            if tag.name not in self.loras:
+                raise InputError(f"<lora:{tag.name}>: no LoRA named {tag.name!r} is loaded (pipe.load_lora(path), "
+                                 f"or --lora / --lora-dir on the command line)")
+        layers = self._lora_targets()
+        totals: dict[tuple[str, str], np.ndarray] = {}
+        for tag in tags:
+            for module in self.loras[tag.name].modules:
+                weight = tag.te if module.part == "text_encoder" else tag.unet
+                if weight == 0:
+                    continue
+                leaf = layers[(module.part, module.layer)]
+                delta = module.delta(torch_shape(leaf, "weight", leaf.kernel.shape)) * np.float32(weight)
+                delta = delta.T if isinstance(leaf, keras.layers.Dense) else delta.transpose(2, 3, 1, 0)
+                key = (module.part, module.layer)
+                totals[key] = totals[key] + delta if key in totals else delta
+        self._active_loras = None  # until every layer is done
+        for key in [k for k in self._lora_backups if k not in totals]:
+            layers[key].kernel.assign(self._lora_backups.pop(key))
+        for key, delta in totals.items():
+            kernel = layers[key].kernel
+            base = self._lora_backups.setdefault(key, np.asarray(kernel.numpy()))
+            kernel.assign(tf.cast(base.astype(np.float32) + delta, kernel.dtype))
+        self._active_loras = wanted
 
     def _chunks(self, prompt: str):
         t = self.tokenizer
@@ -278,7 +361,7 @@ class StableDiffusion:
         """Generates images from text (Rombach et al. 2022), matching diffusers' StableDiffusionPipeline.
 
         height and width default to the model's `default_size`. Prompts use AUTOMATIC1111's syntax (see
-        `encode_prompt`, which also explains `clip_skip`).
+        `encode_prompt`, which also explains `clip_skip`; `<lora:name:weight>` tags: `load_lora`).
         """
         self._check_regular_unet()
         height = self.default_size if height is None else height
@@ -369,27 +452,33 @@ class StableDiffusion:
         checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
         if clip_skip > 1:  # A1111 writes it only when it is not the default
             extra = (f"Clip skip: {clip_skip}", *extra)
-        used = sorted({name for text in prompts + negatives for chunk in self._chunks(text).fixes
+        texts, tags = self._prompt_loras(prompts)
+        used = sorted({name for text in texts + negatives for chunk in self._chunks(text).fixes
                        for _, name in chunk})
         if used:  # as A1111 writes them: "name: first 12 hex digits of the file's SHA-256, ..."
             extra = (*extra, 'TI hashes: "' + ", ".join(f"{n}: {self._embedding_hashes.get(n, '')}" for n in used)
                      + '"')
+        self.apply_loras(tags)
+        names = list(dict.fromkeys(tag.name for tag in tags))
+        if names:  # A1111's: "name: short hash, ..." (see lora.lora_hash)
+            extra = (*extra, 'Lora hashes: "' + ", ".join(f"{n}: {self.loras[n].hash}" for n in names) + '"')
         schedule = make_schedule(sampler, steps, self.scheduler_config)  # checks the sampler's name
         seeds = checks.seeds_for(seed, len(prompts))
         shape = (height // 8, width // 8, self.config.vae.latent_channels)
         settings = dict(steps=steps, sampler=sampler, scale=guidance_scale, size=(width, height), extra=extra)
-        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings, clip_skip)
+        return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings, clip_skip, texts)
 
     def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
         guided = guidance_scale > 1.0  # diffusers: CFG only above 1
-        texts = job.prompts + (job.negatives if guided else [])
+        texts = job.texts + (job.negatives if guided else [])
         steps = job.settings["steps"]
         schedules = [prompt_schedule(t, steps) for t in texts]
         # prompt and negative prompt take as many chunks as the longest of their texts (empty chunks pad the rest)
         chunks = max(self.chunk_count(text) for schedule in schedules for _, text in schedule)
         if all(len(schedule) == 1 for schedule in schedules):
-            cond = self.encode_prompt(job.prompts, job.clip_skip, chunks)
-            uncond = self.encode_prompt(job.negatives, job.clip_skip, chunks) if guided else None
+            alone = [[i] for i in range(len(job.texts))]  # each prompt's mean restored on its own
+            cond = self._encode_texts(job.texts, job.clip_skip, chunks, alone)
+            uncond = self._encode_texts(job.negatives, job.clip_skip, chunks, alone) if guided else None
         else:
             conditioning = self._scheduled_conditioning(schedules, job.clip_skip, chunks)
             b = len(job.prompts)

@@ -46,7 +46,8 @@ def leaf_layers(layer, prefix: str = "") -> dict[str, keras.layers.Layer]:
 VARIABLES = {"weight": ("kernel", "gamma", "embeddings"), "bias": ("bias", "beta")}
 
 
-def _torch_shape(layer, param: str, keras_shape) -> tuple:
+def torch_shape(layer, param: str, keras_shape) -> tuple:
+    """A Keras variable's shape in torch's layout: Dense (out, in), Conv2D (out, in, kh, kw)."""
     shape = tuple(keras_shape)
     if param == "weight" and isinstance(layer, keras.layers.Dense):
         return shape[::-1]
@@ -124,7 +125,7 @@ def plan(model, get: Getter, where: str) -> list[Entry]:
                 key, file_shape, read = get(f"{name}.{param}")
             except KeyError as missing:
                 raise CheckpointError(f"{where}: missing tensor {missing.args[0]}") from None
-            expected = _torch_shape(leaf, param, variable.shape)
+            expected = torch_shape(leaf, param, variable.shape)
             if _loaded_shape(leaf, file_shape) != expected:
                 raise CheckpointError(f"{where}: tensor {key} has shape {tuple(file_shape)}, expected {expected}")
             entries.append(Entry(variable, leaf, param, read))
