@@ -26,6 +26,7 @@ from .embeddings import SUFFIXES as EMBEDDING_SUFFIXES, embedding_name
 from .errors import DownloadError, InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import DEMO, demo_path, looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
+from .lora import SUFFIXES as LORA_SUFFIXES, TAG, lora_name, lora_tags
 from .output import check_output_path, numbered_paths, save_png
 from .recipe import PNG_KEY, parse_infotext, sampler_from_label
 from .precision import CHOICES as PRECISIONS, WEIGHT_DTYPES
@@ -79,10 +80,12 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     p = _Parser(prog=mode, description=DESCRIPTIONS[mode],
                 epilog="With --batch N > 1 the files are numbered: out.png -> out-0.png, out-1.png, ... "
                        "Each PNG stores its recipe (prompt, steps, sampler, seed...) in a 'parameters' text chunk.")
-    p.add_argument("--prompt", required=True, help="the text to draw (AUTOMATIC1111's syntax: (word:1.2), BREAK, ...)")
+    p.add_argument("--prompt", required=True,
+                   help="the text to draw (AUTOMATIC1111's syntax: (word:1.2), BREAK, [from:to:when], <lora:name:0.8>)")
     p.add_argument("--from-png", default=None, metavar="FILE",
-                   help="take prompt, negative prompt, steps, sampler, scale, seed, size, clip skip (and strength, "
-                        "mask blur) from a PNG's AUTOMATIC1111 recipe (ours or A1111's); flags given beside it win")
+                   help="take prompt (with its <lora:...> tags: give --lora-dir), negative prompt, steps, sampler, "
+                        "scale, seed, size, clip skip (and strength, mask blur) from a PNG's AUTOMATIC1111 recipe "
+                        "(ours or A1111's); flags given beside it win")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--output", default="output.png", help="PNG file to write (default: output.png)")
     if mode == "text2image":
@@ -112,6 +115,12 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
                         "(repeatable)")
     p.add_argument("--embeddings-dir", default=None, metavar="DIR",
                    help="a folder of embeddings: those whose file name appears in the prompts are used")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA file (kohya/A1111, LyCORIS LoHa/LoKr, diffusers) applied at WEIGHT (default 1), as "
+                        "if <lora:name:WEIGHT> ended the prompt (repeatable)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA files: <lora:name:weight> tags in the prompt use DIR/name.safetensors "
+                        "(subfolders are searched too)")
     p.add_argument("--clip-skip", type=_int_in(1, 48), default=1,
                    help="read the text encoder's N-th last layer (AUTOMATIC1111's numbering; default: 1, the last)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampling method (default: ddim)")
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None, mode: str = "text2image") -> int:
         elif mode == "inpaint":  # unblurred: inpaint blurs by --mask-blur and records it
             args.image, args.mask = load_image_and_mask(args.image, args.mask)
         args.embedding = _embedding_files(args)
+        args.loras = _lora_files(args)
         paths = numbered_paths(args.output, args.batch)
         for path in paths:
             check_output_path(path, overwrite=args.overwrite)
@@ -212,6 +222,8 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
                                                prediction_type=args.prediction_type)
         for path in args.embedding:
             pipe.load_embedding(path)
+        for name, path in args.loras.items():
+            pipe.load_lora(path, name)
         if args.mode == "text2image":
             height, width = args.H or pipe.default_size, args.W or pipe.default_size
         else:
@@ -238,8 +250,9 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
 
 
 def _recipe_flags(argv: list[str], mode: str) -> list[str]:
-    """The flags a --from-png file's AUTOMATIC1111 recipe stands for (none without --from-png): prompt, negative
-    prompt, steps, sampler, CFG scale, seed, size (text2image), clip skip, denoising strength, mask blur."""
+    """The flags a --from-png file's AUTOMATIC1111 recipe stands for (none without --from-png): prompt (with its
+    <lora:...> tags), negative prompt, steps, sampler, CFG scale, seed, size (text2image), clip skip, denoising
+    strength, mask blur."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from-png", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -292,6 +305,60 @@ def _embedding_files(args: argparse.Namespace) -> list[str]:
             if entry.endswith(EMBEDDING_SUFFIXES) and name and name in text:
                 files.append(os.path.join(folder, entry))
     return files
+
+
+def _lora_files(args: argparse.Namespace) -> dict[str, str]:
+    """The LoRA file of each name the prompt's tags use: --lora files (whose tags are added to the prompt, replacing
+    any of the same name) and files of --lora-dir. A tag no file answers is an error, before any weights load."""
+    named = {}
+    for flag in args.lora:
+        path, weight = os.path.expanduser(flag), "1"
+        if not os.path.isfile(path) and ":" in flag:
+            head, _, tail = flag.rpartition(":")
+            try:
+                float(tail)
+            except ValueError:
+                pass
+            else:
+                path, weight = os.path.expanduser(head), tail
+        if not os.path.isfile(path):
+            raise InputError(f"argument --lora: {flag!r}: no such file")
+        name = lora_name(path)
+        if not name or any(c in name for c in "<>:"):
+            raise InputError(f"argument --lora: {flag!r}: a LoRA's file name cannot be written in a <lora:...> tag")
+        named[name] = path
+        mine = [m[0] for m in TAG.finditer(args.prompt) if m[1] in ("lora", "lyco") and m[2].split(":")[0] == name]
+        for tag in mine:
+            args.prompt = args.prompt.replace(tag, "")
+        args.prompt = f"{args.prompt.rstrip()} <lora:{name}:{weight}>"
+    with warnings.catch_warnings():  # an unknown tag kind is reported once, by the generation
+        warnings.simplefilter("ignore")
+        _, tags = lora_tags(args.prompt)
+    folder = None
+    if args.lora_dir is not None:
+        folder = os.path.expanduser(args.lora_dir)
+        if not os.path.isdir(folder):
+            raise InputError(f"argument --lora-dir: {args.lora_dir!r}: no such folder")
+    found = dict(named)
+    for tag in tags:
+        if tag.name in found:
+            continue
+        path = _find_lora(folder, tag.name) if folder else None
+        if path is None:
+            where = f"in --lora-dir {args.lora_dir!r}" if folder else "(give --lora FILE or --lora-dir DIR)"
+            raise InputError(f"prompt tag <lora:{tag.name}>: no LoRA file named {tag.name!r} {where}")
+        found[tag.name] = path
+    return found
+
+
+def _find_lora(folder: str, name: str) -> str | None:
+    """folder/name.safetensors (or .pt, .ckpt, .bin), in the folder or below it, as A1111 finds a LoRA."""
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for suffix in LORA_SUFFIXES:
+            if name + suffix in files:
+                return os.path.join(root, name + suffix)
+    return None
 
 
 def _weights_problem(source: str | None) -> str | None:

@@ -11,7 +11,8 @@ from PIL.PngImagePlugin import PngInfo
 
 PNG_KEY = "parameters"  # the PNG text chunk AUTOMATIC1111 writes and reads
 SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                  "lms": "LMS", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}
+                  "lms": "LMS", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "unipc": "UniPC",
+                  "lcm": "LCM"}
 
 
 def infotext(prompt: str, negative_prompt: str, steps: int, sampler: str, scale: float, seed: int,

@@ -181,6 +181,23 @@ def _unipc(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, bet
         yield x, s.sigmas[i + 1]
 
 
+def _lcm(denoise: Denoiser, x: np.ndarray, s: Schedule, start: int, noise, between: Between,
+         sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> Steps:
+    """Latent consistency sampling (Song et al. 2023's multistep consistency sampling, as LCMScheduler): each step
+    takes the consistency function's estimate c_skip * x_t + c_out * x0(x_t) (in VP form), then noises it afresh to
+    the next timestep; the last step returns the estimate itself."""
+    n = len(s.timesteps)
+    for i in range(start, n):
+        sigma = s.sigmas[i]
+        scaled = s.timesteps[i] * timestep_scaling
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / np.sqrt(scaled**2 + sigma_data**2)
+        estimate = c_out * _at(denoise, x, s, i) + c_skip * x / np.sqrt(1 + sigma**2)  # VP form; x0-like
+        # the VP latent sqrt(a') * estimate + sqrt(1 - a') * z is estimate + sigma' * z in sigma space
+        x = between(estimate + s.sigmas[i + 1] * noise(i) if i + 1 < n else estimate, i + 1)
+        yield x, s.sigmas[i + 1]
+
+
 _SAMPLERS = {
     "ddim": _euler,
     "plms": _plms,
@@ -191,6 +208,7 @@ _SAMPLERS = {
     "dpm++2m": _dpmpp_2m,
     "dpm++2m_karras": _dpmpp_2m,
     "unipc": _unipc,
+    "lcm": _lcm,
 }
 
 
@@ -249,9 +267,10 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     """Run `sampler` from x (sigma space) and return the latents diffusers' loop ends with.
 
     start_index is diffusers' img2img `t_start`: the walk covers `timesteps[t_start * order:]` of diffusers' list,
-    starting from `add_noise(..., start_index)`, or from `initial_latent` when 0. noise(i) gives euler_a the noise
-    for grid step i. callback(k, total, latents) follows each of the total = n - start_index steps, with the
-    latents in diffusers' form: VP for ddim / plms / dpm++ / unipc, sigma space for the others. The result, for
+    starting from `add_noise(..., start_index)`, or from `initial_latent` when 0. noise(i) gives euler_a and lcm the
+    noise for grid step i (lcm: every step but the last). callback(k, total, latents) follows each of the
+    total = n - start_index steps, with the latents in diffusers' form: VP for ddim / plms / dpm++ / unipc / lcm,
+    sigma space for the others. The result, for
     every sampler, is the latent the VAE decodes, as diffusers' loop ends with it: x0, except for ddim / plms, which
     stop at alphas_cumprod[0] (the VP latent there).
     blend(latents, k) runs after every scheduler step as diffusers' inpainting loop does (see `inpaint_blend`).
@@ -260,8 +279,8 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if schedule.sampler != sampler:
         raise InputError(f"the schedule was made for {schedule.sampler!r}, not {sampler!r}")
-    if sampler == "euler_a" and noise is None:
-        raise InputError("euler_a needs noise: a callable step_index -> array shaped like x")
+    if sampler in ("euler_a", "lcm") and noise is None:
+        raise InputError(f"{sampler} needs noise: a callable step_index -> array shaped like x")
     _check_start(schedule, start_index)
     total = len(schedule.timesteps) - start_index
     steps = _SAMPLERS[sampler](denoise, np.asarray(x, np.float64), schedule, start_index, noise,

@@ -27,11 +27,13 @@ SCHEDULERS = {
     "dpm++2m": "DPMSolverMultistepScheduler",
     "dpm++2m_karras": "DPMSolverMultistepScheduler",  # use_karras_sigmas = True
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",  # latent consistency models (Luo et al. 2023): LCM-LoRA and LCM checkpoints, 2-8 steps
 }
 # SD 1.5's scheduler_config.json names no timestep_spacing, so diffusers' from_config gives each class its default
 DEFAULT_SPACING = {name: "leading" if name in ("ddim", "plms") else "linspace" for name in SCHEDULERS}
 # these schedulers keep their latents in VP form and have init_noise_sigma = 1
-VP_SAMPLERS = ("ddim", "plms", "dpm++2m", "dpm++2m_karras", "unipc")
+VP_SAMPLERS = ("ddim", "plms", "dpm++2m", "dpm++2m_karras", "unipc", "lcm")
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation grid its steps are taken from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +179,18 @@ def _sigma_grid(cfg: SchedulerConfig, ac: np.ndarray, n: int, sampler: str) -> t
     return np.append(sigmas, 0.0).astype(np.float32).astype(np.float64), timesteps
 
 
+def _lcm_grid(cfg: SchedulerConfig, ac: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """LCMScheduler's timesteps: n of the 50 distillation timesteps (k - 1, 2k - 1, ..., k = 1000 // 50), evenly spaced
+    by index from the top; sigmas read from alphas_cumprod there, then 0 (the last step returns its x0 estimate)."""
+    if n > LCM_ORIGINAL_STEPS:
+        raise InputError(f"lcm takes at most {LCM_ORIGINAL_STEPS} steps (its distillation grid), got {n}")
+    k = cfg.num_train_timesteps // LCM_ORIGINAL_STEPS
+    origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * k - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+    alphas = ac[timesteps]
+    return np.append(np.sqrt((1 - alphas) / alphas), 0.0), timesteps.astype(np.float64)
+
+
 def make_schedule(sampler: str, num_inference_steps: int, config: SchedulerConfig = SchedulerConfig()) -> Schedule:
     """The schedule diffusers' scheduler for `sampler` sets up with `set_timesteps(num_inference_steps)`."""
     if sampler not in SCHEDULERS:
@@ -187,7 +201,9 @@ def make_schedule(sampler: str, num_inference_steps: int, config: SchedulerConfi
     if not 1 <= n <= config.num_train_timesteps:
         raise InputError(f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {num_inference_steps}")
     ac = alphas_cumprod(config)
-    if sampler in ("ddim", "plms"):
+    if sampler == "lcm":
+        sigmas, timesteps = _lcm_grid(config, ac, n)
+    elif sampler in ("ddim", "plms"):
         sigmas, timesteps = _vp_grid(config, ac, n, sampler)
     else:
         sigmas, timesteps = _sigma_grid(config, ac, n, sampler)

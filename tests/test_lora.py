@@ -288,3 +288,64 @@ def test_bad_lora_files_are_refused(pipe, reference, tmp_path, case, error, word
 def test_unknown_lora_name_in_a_prompt(pipe):
     with pytest.raises(InputError, match="nothere"):
         pipe.text_to_image(f"{PROMPT} <lora:nothere:1>", height=64, width=64, num_inference_steps=1)
+
+
+# --- the command line: --lora, --lora-dir, --from-png --------------------------------------------------------------
+
+
+def run_cli(*flags):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "text2image.py", *map(str, flags)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_lora_flag_and_from_png_with_a_lora_folder(checkpoints, kohya_file, reference, tmp_path):
+    from PIL import Image
+
+    flags = ["--weights", checkpoints["safetensors"], "--quiet", "--H", 64, "--W", 64, "--steps", 2, "--seed", 5]
+    proc = run_cli(*flags, "--prompt", "a red cube", "--lora", f"{kohya_file}:0.6", "--output", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "x.png") as x:
+        recipe, pixels = x.text["parameters"], np.asarray(x)
+    assert recipe.startswith("a red cube <lora:detail:0.6>\n")
+    assert f'Lora hashes: "detail: {lora_hash(kohya_file)}"' in recipe
+
+    proc = run_cli("--from-png", tmp_path / "x.png", "--output", tmp_path / "y.png")  # the LoRA is in no folder
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'detail'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "y.png").exists()
+
+    folder = os.path.dirname(kohya_file)
+    proc = run_cli("--weights", checkpoints["safetensors"], "--quiet", "--from-png", tmp_path / "x.png",
+                   "--lora-dir", folder, "--output", tmp_path / "y.png")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "y.png") as y:
+        assert y.text["parameters"] == recipe and np.array_equal(np.asarray(y), pixels)
+
+    bad = write_bad(str(tmp_path), "unknown-key", reference)
+    proc = run_cli(*flags, "--prompt", "a red cube", "--lora", bad, "--output", tmp_path / "z.png")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "unknown-key.safetensors" in proc.stderr and "no_such_layer" in proc.stderr
+    assert not (tmp_path / "z.png").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prompt", "a <lora:nothere:1> cat"], "'nothere'"),
+    (["--prompt", "a <lora:x:lots> cat"], "not a number"),
+    (["--prompt", "a cat", "--lora", "{tmp}/missing.safetensors:0.5"], "no such file"),
+    (["--prompt", "a <lora:x:1> cat", "--lora-dir", "{tmp}/no-folder"], "no such folder"),
+    (["--prompt", "a <lora:x:1> cat", "--lora-dir", "{tmp}"], "in --lora-dir")])
+def test_cli_lora_errors_come_before_loading(tmp_path, monkeypatch, capsys, flags, words):
+    from stable_diffusion_tf import cli
+
+    def never(args, paths):
+        raise AssertionError("weights were loaded before the LoRA flags were checked")
+
+    monkeypatch.setattr(cli, "_generate", never)
+    assert cli.main([f.format(tmp=tmp_path) for f in flags] + ["--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert os.listdir(tmp_path) == []

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.schedulers import scheduling_euler_ancestral_discrete  # noqa: E402
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm  # noqa: E402
 
 from stable_diffusion_tf.samplers import SAMPLERS, add_noise, initial_latent, sample  # noqa: E402
 from stable_diffusion_tf.schedules import SCHEDULERS, SchedulerConfig, alphas_cumprod, make_schedule  # noqa: E402
@@ -41,7 +41,9 @@ REFERENCE = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
+STOCHASTIC = ("euler_a", "lcm")  # they draw noise in their steps
 
 
 def eps_model(x, t):
@@ -69,10 +71,12 @@ def run_diffusers(sampler, n, noise, start=0, x0=None, step_noise=(), config=SD1
     sched = reference_scheduler(sampler, config)
     sched.set_timesteps(n)
     grid = {"init_noise_sigma": float(sched.init_noise_sigma)}
-    if sampler in ("ddim", "plms"):  # alphas_cumprod at each distinct timestep, then the final one (n <= 500)
+    if sampler in ("ddim", "plms", "lcm"):  # alphas_cumprod at each distinct timestep, then the final one (n <= 500)
         alphas = sched.alphas_cumprod.double().numpy()[np.unique(sched.timesteps.numpy())[::-1]]
         alphas = np.append(alphas, float(sched.final_alpha_cumprod))
         grid["sigmas"] = np.sqrt((1 - alphas) / alphas)
+        if sampler == "lcm":  # its last step returns the x0 estimate: sigma 0
+            grid["sigmas"][-1] = 0.0
     else:
         sigmas = sched.sigmas.double().numpy()
         grid["sigmas"] = np.append(sigmas[:-1:2], sigmas[-1]) if sampler == "heun" else sigmas  # undo duplicates
@@ -80,6 +84,9 @@ def run_diffusers(sampler, n, noise, start=0, x0=None, step_noise=(), config=SD1
         for name, value in list(vars(sched).items()):
             if torch.is_tensor(value) and value.dtype == torch.float32 and name != "timesteps":
                 setattr(sched, name, value.double())
+        if sampler == "lcm":  # its c_skip / c_out come out in float32 from a tensor timestep; in float64 from a float
+            scalings = sched.get_scalings_for_boundary_condition_discrete
+            sched.get_scalings_for_boundary_condition_discrete = lambda t: scalings(float(t))
     timesteps = sched.timesteps[start * sched.order:]
     if start:
         if hasattr(sched, "set_begin_index"):
@@ -90,7 +97,8 @@ def run_diffusers(sampler, n, noise, start=0, x0=None, step_noise=(), config=SD1
     if exact:
         latents = latents.as_subclass(Float64Latents)
     queue = [torch.from_numpy(z) for z in step_noise]
-    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *args, **kwargs: queue.pop(0))
+    for module in (scheduling_euler_ancestral_discrete, scheduling_lcm):
+        monkeypatch.setattr(module, "randn_tensor", lambda *args, **kwargs: queue.pop(0))
     seen, trajectory = [], []
     for t in timesteps:
         seen.append(float(t))
@@ -134,7 +142,7 @@ def assert_matches(sampler, n, monkeypatch, start=0, config=SD15):
     """Every step against both references; returns the max abs diffs (exact, as shipped)."""
     rng = np.random.default_rng(n * 100 + start)
     noise, x0 = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
-    step_noise = [rng.standard_normal(SHAPE) for _ in range(n)] if sampler == "euler_a" else []
+    step_noise = [rng.standard_normal(SHAPE) for _ in range(n)] if sampler in STOCHASTIC else []
     diffs = []
     for exact in (True, False):
         ref, ref_seen, grid = run_diffusers(sampler, n, noise, start, x0, step_noise, config, monkeypatch, exact)
@@ -153,6 +161,12 @@ def assert_matches(sampler, n, monkeypatch, start=0, config=SD15):
 @pytest.mark.parametrize("n", STEPS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_trajectory_matches_diffusers(sampler, n, monkeypatch):
+    if sampler == "lcm" and n > 50:  # LCMScheduler takes its steps from a 50-step grid
+        with pytest.raises(ValueError, match="at most 50"):
+            make_schedule(sampler, n)
+        with pytest.raises(ValueError):
+            reference_scheduler(sampler).set_timesteps(n)
+        return
     assert_matches(sampler, n, monkeypatch)
 
 
@@ -188,9 +202,10 @@ def test_schedule_matches_diffusers(sampler):
     sched.set_timesteps(30)
     ours = make_schedule(sampler, 30)
     assert ours.init_noise_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-7)
-    if sampler in ("ddim", "plms"):
+    if sampler in ("ddim", "plms", "lcm"):
         alphas = sched.alphas_cumprod.double().numpy()[np.unique(sched.timesteps.numpy())[::-1]]
         np.testing.assert_allclose(1 / (1 + ours.sigmas[:-1] ** 2), alphas, rtol=1e-12)
+        np.testing.assert_array_equal(ours.timesteps, np.unique(sched.timesteps.numpy())[::-1])
     else:
         sigmas = sched.sigmas.numpy()
         sigmas = np.append(sigmas[:-1:2], sigmas[-1]) if sampler == "heun" else sigmas  # undo the duplicates
@@ -203,7 +218,8 @@ def test_alphas_cumprod_matches_diffusers():
 
 
 def test_names_and_errors():
-    assert SAMPLERS == ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm++2m", "dpm++2m_karras", "unipc")
+    assert SAMPLERS == ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm++2m", "dpm++2m_karras", "unipc",
+                        "lcm")
     assert set(SCHEDULERS) == set(REFERENCE)
     with pytest.raises(ValueError, match="euler_a"):
         make_schedule("k_euler", 10)

@@ -69,7 +69,7 @@ def test_odd_latent_size_matches_diffusers(pipe, diffusers_pipe):
                                atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "lcm"])
 def test_seed_gives_the_same_image_alone_and_in_a_batch(pipe, sampler):
     kw = dict(height=64, width=64, num_inference_steps=3, sampler=sampler, output_type="np")
     batch = pipe.text_to_image(PROMPT, seed=11, batch_size=3, **kw)
