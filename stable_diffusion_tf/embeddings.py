@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .errors import CheckpointError, UnsupportedModelError
+from .recipe import model_name
 from .weights.formats import open_checkpoint
 
 MAX_VECTORS = 75  # an embedding must fit in one chunk
@@ -56,9 +57,5 @@ def read_embedding(path: str | os.PathLike, width: int) -> np.ndarray:
 
 
 def embedding_name(path: str | os.PathLike) -> str:
-    """The name a prompt uses for an embedding file: its file name without the suffix."""
-    name = os.path.basename(os.fspath(path))
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The name a prompt uses for an embedding file: its file name without the extension, as A1111 names it."""
+    return model_name(path)

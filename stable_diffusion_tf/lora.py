@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 
 from .errors import CheckpointError, InputError, StableDiffusionWarning, UnsupportedModelError
+from .recipe import model_name
 from .weights.formats import open_checkpoint
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -380,9 +381,5 @@ def lora_hash(path: str | os.PathLike) -> str:
 
 
 def lora_name(path: str | os.PathLike) -> str:
-    """The name a prompt uses for a LoRA file: its file name without the suffix."""
-    name = os.path.basename(os.fspath(path))
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The name a prompt uses for a LoRA file: its file name without the extension, as A1111 names it."""
+    return model_name(path)

@@ -108,7 +108,7 @@ class StableDiffusion:
         self._embedding_hashes: dict[str, str] = {}  # A1111's short hash of each embedding's file
         self.loras: dict[str, LoraFile] = {}  # LoRA files by name (`load_lora`)
         self._lora_layers: dict | None = None  # (part, layer name) -> the Dense or Conv2D a LoRA may change
-        self._lora_backups: dict[tuple[str, str], np.ndarray] = {}  # base kernels of the layers LoRAs changed
+        self._lora_backups: dict[tuple[str, str], tf.Tensor] = {}  # base kernels of the layers LoRAs changed
         self._active_loras: tuple | None = ()  # (name, te, unet) of the LoRAs merged now; None: unknown
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
@@ -249,24 +249,24 @@ class StableDiffusion:
                 raise InputError(f"<lora:{tag.name}>: no LoRA named {tag.name!r} is loaded (pipe.load_lora(path), "
                                  f"or --lora / --lora-dir on the command line)")
         layers = self._lora_targets()
-        totals: dict[tuple[str, str], np.ndarray] = {}
+        totals: dict[tuple[str, str], tf.Tensor] = {}
         for tag in tags:
             for module in self.loras[tag.name].modules:
                 weight = tag.te if module.part == "text_encoder" else tag.unet
                 if weight == 0:
                     continue
-                leaf = layers[(module.part, module.layer)]
-                delta = module.delta(torch_shape(leaf, "weight", leaf.kernel.shape)) * np.float32(weight)
-                delta = delta.T if isinstance(leaf, keras.layers.Dense) else delta.transpose(2, 3, 1, 0)
                 key = (module.part, module.layer)
+                delta = _keras_delta(module, layers[key], weight)
                 totals[key] = totals[key] + delta if key in totals else delta
         self._active_loras = None  # until every layer is done
         for key in [k for k in self._lora_backups if k not in totals]:
             layers[key].kernel.assign(self._lora_backups.pop(key))
         for key, delta in totals.items():
             kernel = layers[key].kernel
-            base = self._lora_backups.setdefault(key, np.asarray(kernel.numpy()))
-            kernel.assign(tf.cast(base.astype(np.float32) + delta, kernel.dtype))
+            if key not in self._lora_backups:  # a copy of the base kernel, not a view of the variable's buffer
+                self._lora_backups[key] = tf.raw_ops.DeepCopy(x=kernel.value)
+            base = tf.cast(self._lora_backups[key], "float32")
+            kernel.assign(tf.cast(base + delta, kernel.dtype))
         self._active_loras = wanted
 
     def _chunks(self, prompt: str):
@@ -539,6 +539,19 @@ class StableDiffusion:
         if self._model_hash is None:
             self._model_hash = model_hash(self.source)
         return self._model_hash
+
+
+def _keras_delta(module, leaf, weight: float) -> tf.Tensor:
+    """weight * a LoRA module's update, float32 in the layout of the layer's Keras kernel. A plain LoRA on a Dense
+    layer is one multi-threaded matmul, down^T @ up^T (in, out); other updates are built in torch's layout."""
+    scale = np.float32(module.scale * weight)
+    t = module.tensors
+    if isinstance(leaf, keras.layers.Dense) and module.kind == "lora" and "lora_mid.weight" not in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        return tf.matmul(down, up * scale, transpose_a=True, transpose_b=True)
+    delta = module.delta(torch_shape(leaf, "weight", leaf.kernel.shape)) * np.float32(weight)
+    return tf.constant(delta.T if isinstance(leaf, keras.layers.Dense) else delta.transpose(2, 3, 1, 0))
 
 
 def resolve_precision(precision: str = "auto", warn: bool = True) -> str:

@@ -349,3 +349,39 @@ def test_cli_lora_errors_come_before_loading(tmp_path, monkeypatch, capsys, flag
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and words in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_sd2_lora_gives_diffusers_fused_outputs(tmp_path):
+    """SD 2.x: linear projections in the UNet, the OpenCLIP tower (read from its fused in_proj) in the text encoder."""
+    import diffusers
+
+    from reference import SCHEDULER2, build_reference_sd2, reference_tokenizer_sd2, save_all_sd2
+    from stable_diffusion_tf import StableDiffusion
+
+    reference = build_reference_sd2()
+    ours = StableDiffusion.from_pretrained(save_all_sd2(str(tmp_path), *reference)["safetensors"])
+    text_encoder, unet, vae = (copy.deepcopy(m) for m in reference)
+    path = str(tmp_path / "sd2-lora.safetensors")
+    save_file(kohya_state(unet, text_encoder, seed=3), path, metadata={"ss_v2": "True"})
+    theirs = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=reference_tokenizer_sd2(str(tmp_path / "tok")), unet=unet,
+        scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER2), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    theirs.load_lora_weights(path)
+    theirs.fuse_lora(lora_scale=WEIGHT)
+    ours.load_lora(path)
+    conditioning = ours.encode_prompt(f"{PROMPT} <lora:sd2-lora:{WEIGHT}>")
+    assert relative_error(conditioning, diffusers_conditioning(theirs, PROMPT)) < 1e-4
+    latents, timesteps, context = unet_inputs(ours.config.unet.cross_attention_dim)
+    ref = torch_unet(theirs.unet, latents, timesteps, context)
+    assert relative_error(ours.predict_noise(latents, timesteps, context), ref) < 1e-4
+    ours.apply_loras([])
+    assert relative_error(ours.predict_noise(latents, timesteps, context), ref) > 1e-2
+
+
+def test_a_lora_for_another_family_is_refused(pipe, reference, tmp_path):
+    text_encoder, unet, _ = reference
+    path = str(tmp_path / "for-sd2.safetensors")
+    save_file(kohya_state(unet, text_encoder), path, metadata={"ss_v2": "True"})  # fits, but made for SD 2.x
+    with pytest.raises(CheckpointError, match="for SD 2.x; this model is SD 1.x"):
+        pipe.load_lora(path)
