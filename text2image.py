@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 
-REQUIRED = ("tensorflow", "keras", "numpy", "safetensors", "huggingface_hub", "tokenizers", "PIL", "tqdm", "ml_dtypes", "matplotlib")
+REQUIRED = ("tensorflow", "keras", "numpy", "safetensors", "huggingface_hub", "tokenizers", "PIL", "tqdm", "ml_dtypes",
+            "matplotlib", "fastapi", "uvicorn")
 
 
 def set_up(prog: str = "text2image") -> None:

@@ -9,6 +9,7 @@ Numpy only (no TensorFlow), so the command line checks its inputs before loading
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 
@@ -69,19 +70,28 @@ def _open(source, what: str):
     """A path, PIL image or array -> an upright PIL image, or a float32 array in [0, 1] (H, W[, 3 or 4])."""
     if isinstance(source, (str, os.PathLike)):
         return _decode(os.fspath(source), f"{what} {os.fspath(source)!r}")
+    if isinstance(source, (bytes, bytearray)):
+        return decode_image(bytes(source), what)
     if isinstance(source, Image.Image):
         return _decode(source, what)
     if isinstance(source, np.ndarray):
         return _from_array(source, what)
-    raise InputError(f"{what} must be a file path, a PIL image or a NumPy array, got {type(source).__name__}")
+    raise InputError(f"{what} must be a file path, encoded bytes, a PIL image or a NumPy array, "
+                     f"got {type(source).__name__}")
 
 
-def _decode(source: str | Image.Image, label: str) -> Image.Image:
+def decode_image(data: bytes, label: str = "image") -> Image.Image:
+    """An encoded image file's bytes (PNG, JPEG, ...) -> an upright PIL image, with the checks of a file path."""
+    return _decode(io.BytesIO(data), label)
+
+
+def _decode(source: str | io.BytesIO | Image.Image, label: str) -> Image.Image:
     """Opens, checks the size from the header, decodes and applies the EXIF orientation; errors name `label`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(source, formats=FORMATS) if isinstance(source, str) else contextlib.nullcontext(source)
+            opened = Image.open(source, formats=FORMATS) if isinstance(source, (str, io.BytesIO)) else \
+                contextlib.nullcontext(source)
             with opened as im:
                 _check_pixels(*im.size, label)
                 im.load()
