@@ -149,19 +149,6 @@ class Module:
             dw = np.kron(w1, w2)
         return (dw.reshape(shape) * np.float32(self.scale)).astype(np.float32)
 
-    def delta_shape(self) -> tuple[int, int]:
-        """(out, numel) of dW, from the tensor shapes alone: what must agree with the layer."""
-        s = {k: v.shape for k, v in self.tensors.items()}
-        if self.kind == "lora":
-            out, inputs = s["lora_up.weight"][0], s["lora_down.weight"][1]
-            kernel = s["lora_mid.weight"][2:] if "lora_mid.weight" in s else s["lora_down.weight"][2:]
-            return out, out * inputs * math.prod(kernel)
-        if self.kind == "loha":
-            return s["hada_w1_a"][0], s["hada_w1_a"][0] * s["hada_w1_b"][1]
-        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
-        w2 = s["lokr_w2"] if "lokr_w2" in s else (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
-        return w1[0] * w2[0], math.prod(w1) * math.prod(w2)
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraFile:
@@ -279,6 +266,18 @@ def _peft_config(path: str, metadata: dict) -> dict:
     for key, value in flat.items():
         part, _, field = key.partition(".")
         config.setdefault(part, {})[field] = value
+    for part, fields in config.items():
+        alphas = fields.get("alpha_pattern") or {}
+        numbers = [fields.get("lora_alpha"), *(alphas.values() if isinstance(alphas, dict) else [None])]
+        if not isinstance(alphas, dict) or not all(n is None or isinstance(n, (int, float)) and not isinstance(n, bool)
+                                                   and math.isfinite(n) for n in numbers):
+            raise CheckpointError(f"{path}: lora_adapter_metadata: {part}'s lora_alpha / alpha_pattern are not numbers")
+        for pattern in alphas:
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise CheckpointError(f"{path}: lora_adapter_metadata: alpha_pattern {pattern!r} is not a regular "
+                                      "expression") from None
     return config
 
 
@@ -306,11 +305,12 @@ def _module(path, name, part, layer, tensors, peft, shape) -> Module:
     rank = {"lora": lambda: values["lora_down.weight"].shape[0], "loha": lambda: values["hada_w1_b"].shape[0],
             "lokr": lambda: next((values[w].shape[0] for w in ("lokr_w1_b", "lokr_w2_b") if w in values), None)}
     try:
-        _check_shapes(kind, values)
+        _check_shapes(kind, values, tuple(shape))
         dim = rank[kind]()
     except (ValueError, IndexError):
         shapes = ", ".join(f"{w} {tuple(v.shape)}" for w, v in values.items())
-        raise CheckpointError(f"{where}: tensors do not fit together ({shapes})") from None
+        raise CheckpointError(f"{where}: tensors ({shapes}) do not make an update for its layer of shape "
+                              f"{tuple(shape)} (a LoRA for another model?)") from None
     alpha = float(scalars["alpha"].reshape(())) if "alpha" in scalars else _peft_alpha(peft, part, layer, dim)
     if "scale" in scalars:
         scale = float(scalars["scale"].reshape(()))
@@ -318,38 +318,49 @@ def _module(path, name, part, layer, tensors, peft, shape) -> Module:
         scale = alpha / (math.sqrt(dim) if peft.get(part, {}).get("use_rslora") else dim)
     else:
         scale = 1.0
-    module = Module(part, layer, kind, values, scale)
-    out, numel = module.delta_shape()
-    if out != shape[0] or numel != math.prod(shape):
-        raise CheckpointError(f"{where}: makes an update of {out} x {numel // max(out, 1)} for a layer of shape "
-                              f"{tuple(shape)} (a LoRA for another model?)")
-    return module
+    return Module(part, layer, kind, values, scale)
 
 
-def _check_shapes(kind: str, v: dict) -> None:
-    """ValueError unless the tensors of one module multiply together."""
+def _check_shapes(kind: str, v: dict, shape: tuple) -> None:
+    """ValueError unless the tensors of one module multiply together into an update for a layer of torch shape
+    `shape` (out, in[, kh, kw]); from the shapes alone, nothing is multiplied."""
+    s = {k: tuple(t.shape) for k, t in v.items()}
+    out, inputs, kernel = shape[0], shape[1], tuple(shape[2:]) if len(shape) == 4 and shape[2:] != (1, 1) else ()
     if kind == "lora":
-        up, down = v["lora_up.weight"], v["lora_down.weight"]
-        ok = up.ndim in (2, 4) and down.ndim in (2, 4) and up.shape[1] == down.shape[0] and up.shape[2:] in ((), (1, 1))
-        if "lora_mid.weight" in v:
-            mid = v["lora_mid.weight"]
-            ok = ok and mid.ndim == 4 and mid.shape[:2] == (up.shape[1], down.shape[0]) and down.shape[2:] == (1, 1)
-        if not ok:
-            raise ValueError
-    elif kind == "loha":
-        if not (v["hada_w1_a"].ndim == v["hada_w1_b"].ndim == v["hada_w2_a"].ndim == v["hada_w2_b"].ndim == 2
-                and (v["hada_w1_a"] @ v["hada_w1_b"]).shape == (v["hada_w2_a"] @ v["hada_w2_b"]).shape[:2]
-                and v["hada_w1_a"].shape[0] == v["hada_w2_a"].shape[0]):
-            raise ValueError
-    else:
-        w1 = v["lokr_w1"] if "lokr_w1" in v else v["lokr_w1_a"] @ v["lokr_w1_b"]
-        if "lokr_w2" in v:
-            ok = v["lokr_w2"].ndim in (2, 4)
+        up, down = s["lora_up.weight"], s["lora_down.weight"]
+        ok = len(up) in (2, 4) and len(down) in (2, 4) and up[2:] in ((), (1, 1)) and up[0] == out and \
+            down[1] == inputs and up[1] == down[0]
+        if "lora_mid.weight" in s:
+            mid = s["lora_mid.weight"]
+            ok = ok and len(mid) == 4 and mid[:2] == (up[1], down[0]) and down[2:] == (1, 1) and \
+                (mid[2:] if mid[2:] != (1, 1) else ()) == kernel
         else:
-            ok = v["lokr_w2_a"].ndim == 2 and v["lokr_w2_b"].ndim in (2, 4) and \
-                v["lokr_w2_a"].shape[1] == v["lokr_w2_b"].shape[0]
-        if w1.ndim != 2 or not ok:
-            raise ValueError
+            ok = ok and (down[2:] if down[2:] != (1, 1) else ()) == kernel
+    elif kind == "loha":
+        a1, b1, a2, b2 = (s[k] for k in _KEYS["loha"])
+        flat = inputs * math.prod(kernel)
+        ok = all(len(t) == 2 for t in (a1, b1, a2, b2)) and a1[0] == a2[0] == out and b1[1] == b2[1] == flat and \
+            a1[1] == b1[0] and a2[1] == b2[0]
+    else:
+        if "lokr_w1" in s:
+            w1 = s["lokr_w1"]
+            ok = len(w1) == 2
+        else:
+            ok = len(s["lokr_w1_a"]) == len(s["lokr_w1_b"]) == 2 and s["lokr_w1_a"][1] == s["lokr_w1_b"][0]
+            w1 = (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        else:
+            a, b = s["lokr_w2_a"], s["lokr_w2_b"]
+            ok = ok and len(a) == 2 and len(b) in (2, 4) and a[1] == b[0]
+            w2 = (a[0], *b[1:])
+        if len(w2) == 4:  # kron(w1[..., None, None], w2): (w1 out x w2 out, w1 in x w2 in, kh, kw)
+            ok = ok and w1[0] * w2[0] == out and w1[1] * w2[1] == inputs and \
+                (w2[2:] if w2[2:] != (1, 1) else ()) == kernel
+        else:  # a 2-D product, reshaped to the layer
+            ok = ok and len(w2) == 2 and w1[0] * w2[0] == out and w1[1] * w2[1] == inputs * math.prod(kernel)
+    if not ok:
+        raise ValueError
 
 
 def _peft_alpha(peft: dict, part: str, layer: str, rank: int | None) -> float | None:

@@ -102,18 +102,23 @@ def create_app(engine, users: list[tuple[str, str]] | None = None):
             if size > MAX_BODY:
                 raise _TooLarge
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks) or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        try:  # NaN and Infinity are not JSON, whatever Python's parser allows
+            return json.loads(b"".join(chunks) or b"{}", parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InputError("the request body is not valid JSON") from None
 
     @app.exception_handler(_TooLarge)
     async def too_large(request: Request, e: Exception):
         return _json_error(413, "PayloadTooLarge", f"the request body is over {MAX_BODY} bytes")
 
+    reading = asyncio.Semaphore(engine.queue_size + 2)  # bodies read and decoded at once: memory stays bounded
+
     async def run_job(request: Request, mode: str):
-        body = await body_of(request)
-        generation = await run_in_threadpool(serving.read_generation, body, mode, engine.clip_skip)
+        if engine.waiting >= engine.queue_size:  # answered before the body is read
+            raise serving.QueueFull(f"the queue is full ({engine.queue_size} jobs waiting); try again later")
+        async with reading:
+            body = await body_of(request)
+            generation = await run_in_threadpool(serving.read_generation, body, mode, engine.clip_skip)
         return JSONResponse(await asyncio.wrap_future(engine.queue(generation)))
 
     @app.post(f"{API}/txt2img")
@@ -153,7 +158,9 @@ def create_app(engine, users: list[tuple[str, str]] | None = None):
         if "CLIP_stop_at_last_layers" in body:
             engine.clip_skip = serving._int(body, "CLIP_stop_at_last_layers", 1, 1, 48)
         if "sd_model_checkpoint" in body:
-            await run_in_threadpool(engine.switch_model, body["sd_model_checkpoint"])
+            switching = engine.switch_model(body["sd_model_checkpoint"])
+            if switching is not None:
+                await asyncio.wrap_future(switching)
         return None
 
     @app.get(f"{API}/sd-models")
@@ -190,7 +197,7 @@ def create_app(engine, users: list[tuple[str, str]] | None = None):
     async def embeddings():
         loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                          "shape": int(vectors.shape[1]), "vectors": int(vectors.shape[0])}
-                  for name, vectors in engine.pipe.embeddings.items()}
+                  for name, vectors in list(engine.pipe.embeddings.items())}  # a copy: the worker may add
         waiting = {name: {} for name in engine.embeddings() if name not in loaded}
         return {"loaded": loaded, "skipped": waiting}
 
@@ -242,6 +249,10 @@ def create_app(engine, users: list[tuple[str, str]] | None = None):
         return {}
 
     return app
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class _TooLarge(Exception):

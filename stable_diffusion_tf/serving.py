@@ -31,6 +31,7 @@ from .recipe import SAMPLER_LABELS, model_name, parse_infotext, sampler_from_lab
 
 VERSION = "stable-diffusion-tf"
 MAX_IMAGES = checks.MAX_BATCH  # batch_size * n_iter of one request
+MAX_LORAS = 8  # LoRA files kept read in memory; more are read again when a prompt names them
 SAMPLER_ALIASES = {"euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"], "lms": ["k_lms"],
                    "heun": ["k_heun"], "dpm++2m": ["k_dpmpp_2m"], "dpm++2m_karras": ["k_dpmpp_2m_ka"]}
 
@@ -118,8 +119,8 @@ def sampler_name(request: dict) -> str:
             return name
     if label in SAMPLER_LABELS:
         ours = label
-    else:
-        ours = sampler_from_label(label, scheduler)
+    else:  # "Karras" where we have a Karras form (DPM++ 2M), else the sampler's own schedule
+        ours = sampler_from_label(label, scheduler) or sampler_from_label(label)
     if ours is None or ours not in SAMPLER_LABELS:
         raise NotFound("Sampler not found")
     return ours
@@ -128,8 +129,8 @@ def sampler_name(request: dict) -> str:
 def _int(request: dict, key: str, default: int, low: int, high: int) -> int:
     value = request.get(key, default)
     value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or \
-            not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or \
+            value != int(value):  # the range first: it refuses NaN and the infinities, which int() raises on
         raise InputError(f"{key} must be an integer between {low} and {high}, got {value!r}")
     return int(value)
 
@@ -192,10 +193,13 @@ def read_generation(request: dict, mode: str, clip_skip: int) -> Generation:
     if not isinstance(overrides, dict):
         raise InputError("override_settings must be an object")
     clip_skip = _int(overrides, "CLIP_stop_at_last_layers", clip_skip, 1, 48)
+    fields = dict(request)
+    if not request.get("include_init_images"):  # A1111 echoes the request without its images
+        fields.update({k: None for k in ("init_images", "mask") if k in fields})
     generation = Generation(
         mode, _text(request, "prompt"), _text(request, "negative_prompt"), seed, batch_size, n_iter,
         _int(request, "steps", 50, 1, checks.MAX_STEPS), _float(request, "cfg_scale", 7.0, 0, 100), width, height,
-        sampler_name(request), clip_skip, fields=request)
+        sampler_name(request), clip_skip, fields=fields)
     if mode == "txt2img":
         return generation
     images = request.get("init_images")
@@ -204,18 +208,34 @@ def read_generation(request: dict, mode: str, clip_skip: int) -> Generation:
     from PIL import Image
 
     size = ((width // 8) * 8, (height // 8) * 8)
-    image = decode_base64_image(images[0], "init_images[0]").convert("RGB")
-    generation.image = image.resize(size, Image.LANCZOS) if image.size != size else image  # A1111's "just resize"
+    image = decode_base64_image(images[0], "init_images[0]")
     generation.strength = _float(request, "denoising_strength", 0.75, 0, 1)
-    if request.get("mask") is not None:
-        mask = decode_base64_image(request["mask"], "mask")
-        mask = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
-        if request.get("inpainting_mask_invert"):
-            mask = mask.point(lambda v: 255 - v)
-        generation.mask = mask.resize(size, Image.LANCZOS) if mask.size != size else mask
+    try:
+        image = image.convert("RGB")
+        generation.image = image.resize(size, Image.LANCZOS) if image.size != size else image  # A1111's "just resize"
+        if request.get("mask") is not None:
+            generation.mask = _mask(decode_base64_image(request["mask"], "mask"), size,
+                                    bool(request.get("inpainting_mask_invert")))
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot convert the image: {e}") from None
+    if generation.mask is not None:
         generation.mask_blur = _int(request, "mask_blur", 4, 0, 64)
         generation.mode = "inpaint"
     return generation
+
+
+def _mask(mask, size: tuple[int, int], invert: bool):
+    """A1111's `create_binary_mask`: the alpha channel, cut at 128, of an RGBA mask that has transparency; else
+    its luminance. Then inverted when asked, and resized to the image."""
+    from PIL import Image
+
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    else:
+        mask = mask.convert("L")
+    if invert:
+        mask = mask.point(lambda v: 255 - v)
+    return mask.resize(size, Image.LANCZOS) if mask.size != size else mask
 
 
 class Engine:
@@ -235,6 +255,7 @@ class Engine:
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._projection: np.ndarray | None = None  # latents -> RGB for previews, fitted per model
+        self._lora_order: list[str] = []  # LoRAs this server loaded from --lora-dir, oldest first
         self._worker = threading.Thread(target=self._run, name="generation", daemon=True)
 
     # -- models --------------------------------------------------------------------------------------------------
@@ -255,17 +276,19 @@ class Engine:
     def _load(self, source: str | None) -> None:
         from .pipeline import StableDiffusion
 
-        self.pipe = StableDiffusion.from_pretrained(source, precision=self.precision)
-        self.weights = self.pipe.source
+        pipe = StableDiffusion.from_pretrained(source, precision=self.precision)
         folder = os.path.abspath(self.models_dir) if self.models_dir else None
-        path = os.path.abspath(self.pipe.source)
-        self.model_title = os.path.relpath(path, folder) if folder and path.startswith(folder + os.sep) else \
+        path = os.path.abspath(pipe.source)
+        title = os.path.relpath(path, folder) if folder and path.startswith(folder + os.sep) else \
             os.path.basename(path)
-        self._projection = self._latent_to_rgb()
+        projection = _latent_to_rgb(pipe)
+        # everything computed first, then swapped in together: readers never see half a switch
+        self.pipe, self.weights, self.model_title, self._projection = pipe, pipe.source, title, projection
+        self._lora_order = []
 
-    def switch_model(self, title: str) -> None:
-        """Loads the model of that title (or name without the extension) from the list: never a path from a
-        request; NotFound otherwise. Runs as a job, between generations."""
+    def switch_model(self, title: str) -> concurrent.futures.Future | None:
+        """Queues loading the model of that title (or name without the extension) from the list: never a path from
+        a request; NotFound otherwise. None when it is the loaded one; the job runs between generations."""
         models = self.models()
         if not isinstance(title, str):
             raise InputError("sd_model_checkpoint must be a string")
@@ -273,8 +296,9 @@ class Engine:
         match = next((t for t in models if plain in (t, model_name(t))), None)
         if match is None:
             raise NotFound(f"model {title!r} is not in --models-dir; see /sdapi/v1/sd-models")
-        if match != self.model_title:
-            self.submit(lambda: self._load(models[match]), "switch model").result()
+        if match == self.model_title:
+            return None
+        return self.submit(lambda: self._load(models[match]), "switch model")
 
     def loras(self) -> dict[str, str]:
         return {lora_name(p): p for p in find_files(self.lora_dir, LORA_SUFFIXES).values()}
@@ -338,6 +362,11 @@ class Engine:
                 if tag.name not in available:
                     raise InputError(f"<lora:{tag.name}>: no LoRA named {tag.name!r} in --lora-dir")
                 pipe.load_lora(available[tag.name], tag.name)
+                self._lora_order.append(tag.name)
+        wanted = {tag.name for tag in tags}
+        for name in [n for n in self._lora_order if n not in wanted][:max(0, len(self._lora_order) - MAX_LORAS)]:
+            self._lora_order.remove(name)  # the oldest beyond MAX_LORAS leave memory (read again when named)
+            pipe.loras.pop(name, None)
         text = f"{prompt}\n{negative}"
         for name, path in self.embeddings().items():
             if name in text and name not in pipe.embeddings:
@@ -454,16 +483,17 @@ class Engine:
         picture = Image.fromarray(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8))
         return png_base64(picture)
 
-    def _latent_to_rgb(self) -> np.ndarray:
-        """(C + 1, 3) least-squares map from scaled latents (and 1) to RGB in [0, 1], fitted once per model on the
-        VAE encoder's latents of flat colours and smooth colour ramps."""
-        rng = np.random.default_rng(0)
-        ramp = np.linspace(0, 1, 64, dtype=np.float32)
-        images = [np.broadcast_to(rng.random(3, dtype=np.float32), (64, 64, 3)) for _ in range(12)]
-        images += [np.stack([ramp[:, None] * np.ones(64), np.ones(64)[:, None] * ramp, rng.random() * np.ones((64, 64))],
-                            -1).astype(np.float32) for _ in range(4)]
-        images = np.stack(images)
-        latents = self.pipe.encode_image(images)  # (B, 8, 8, C)
-        pooled = images.reshape(len(images), 8, 8, 8, 8, 3).mean(axis=(2, 4))  # the 8x8 pixels of each latent
-        x = np.concatenate([latents.reshape(-1, latents.shape[-1]), np.ones((latents[..., :1].size, 1))], -1)
-        return np.linalg.lstsq(x, pooled.reshape(-1, 3), rcond=None)[0].astype(np.float32)
+
+def _latent_to_rgb(pipe) -> np.ndarray:
+    """(C + 1, 3) least-squares map from a model's scaled latents (and 1) to RGB in [0, 1], for previews: fitted on
+    its VAE encoder's latents of flat colours and smooth colour ramps."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)
+    images = [np.broadcast_to(rng.random(3, dtype=np.float32), (64, 64, 3)) for _ in range(12)]
+    images += [np.stack([ramp[:, None] * np.ones(64), np.ones(64)[:, None] * ramp, rng.random() * np.ones((64, 64))],
+                        -1).astype(np.float32) for _ in range(4)]
+    images = np.stack(images)
+    latents = pipe.encode_image(images)  # (B, 8, 8, C)
+    pooled = images.reshape(len(images), 8, 8, 8, 8, 3).mean(axis=(2, 4))  # the 8x8 pixels of each latent
+    x = np.concatenate([latents.reshape(-1, latents.shape[-1]), np.ones((latents[..., :1].size, 1))], -1)
+    return np.linalg.lstsq(x, pooled.reshape(-1, 3), rcond=None)[0].astype(np.float32)

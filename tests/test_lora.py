@@ -2,6 +2,7 @@
 removing them restores the base model bit for bit; bad files and tags get one clear error."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -250,9 +251,14 @@ def write_bad(folder, case, reference):
     elif case == "misshaped":
         key = next(k for k in state if k.endswith("attn2_to_k.lora_down.weight"))
         state[key] = torch.zeros(2, 77)
+    elif case == "wrong-kernel":  # the right number of values for a 3x3 convolution, laid out as 1x9
+        key = next(k for k in state if k.endswith("resnets_0_conv1.lora_down.weight"))
+        state[key] = state[key].reshape(*state[key].shape[:2], 1, 9)
     elif case == "wider-model":  # an SD 2.x file for this SD 1.x-shaped model: 1024-wide text layers
         key = next(k for k in state if k.endswith("self_attn_q_proj.lora_up.weight"))
         state[key] = torch.zeros(1024, 2)
+    elif case == "bad-metadata":
+        metadata = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": "abc", "unet.alpha_pattern": {"(": 1}})}
     elif case == "dora":
         state[next(iter(state)).rsplit(".", 2)[0] + ".dora_scale"] = torch.ones(1, 4)
     elif case == "nan":
@@ -273,6 +279,7 @@ def write_bad(folder, case, reference):
 @pytest.mark.parametrize("case, error, words", [
     ("sdxl", UnsupportedModelError, "SDXL"), ("unknown-key", CheckpointError, "no_such_layer"),
     ("misshaped", CheckpointError, "attn2_to_k"), ("wider-model", CheckpointError, "q_proj"),
+    ("wrong-kernel", CheckpointError, "conv1"), ("bad-metadata", CheckpointError, "lora_adapter_metadata"),
     ("dora", CheckpointError, "DoRA"), ("nan", CheckpointError, "NaN"), ("hostile.pt", CheckpointError, "refuses")])
 def test_bad_lora_files_are_refused(pipe, reference, tmp_path, case, error, words):
     path = write_bad(str(tmp_path), case, reference)

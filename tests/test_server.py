@@ -127,6 +127,7 @@ def test_webuiapi_img2img_and_inpainting(api):
                          seed=2, sampler_name="Euler a")
     assert result.image.size == (64, 64)
     assert "Denoising strength: 0.5" in result.image.info["parameters"]
+    assert result.parameters["init_images"] is None  # A1111 does not echo the images back
 
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255  # repaint the right half
@@ -182,6 +183,9 @@ def test_bad_requests_get_one_json_error_and_the_server_keeps_serving(server, mo
     cases = [
         ("post", "/txt2img", dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "JSON"),
         ("post", "/txt2img", dict(json={"prompt": PROMPT, "steps": "many"}), 400, "steps"),
+        ("post", "/txt2img", dict(data=b'{"prompt": "x", "steps": NaN}'), 400, "JSON"),
+        ("post", "/txt2img", dict(data=b'{"prompt": "x", "width": 1e400}'), 400, "width"),
+        ("post", "/txt2img", dict(data=b"[" * 200000), 400, "JSON"),
         ("post", "/txt2img", dict(json={"prompt": 3}), 400, "prompt"),
         ("post", "/txt2img", dict(json={"prompt": PROMPT, "width": 4096}), 400, "width"),
         ("post", "/txt2img", dict(json={"prompt": PROMPT, "sampler_name": "Restart"}), 404, "Sampler not found"),
