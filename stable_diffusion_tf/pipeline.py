@@ -22,7 +22,7 @@ from .errors import InputError, StableDiffusionError, StableDiffusionWarning
 from .embeddings import embedding_name, read_embedding
 from .hub import resolve
 from .lora import LoraFile, LoraTag, lora_name, lora_tags, read_lora, target_names
-from .prompts import chunk_prompt, prompt_schedule
+from .prompts import chunk_prompt, prompt_schedule, split_and
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
 from .samplers import add_noise, initial_latent, inpaint_blend, sample
@@ -470,22 +470,24 @@ class StableDiffusion:
 
     def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
         guided = guidance_scale > 1.0  # diffusers: CFG only above 1
-        texts = job.texts + (job.negatives if guided else [])
+        prompts, weights = _subprompts(job.texts)
+        texts = prompts + (job.negatives if guided else [])
         steps = job.settings["steps"]
         schedules = [prompt_schedule(t, steps) for t in texts]
         # prompt and negative prompt take as many chunks as the longest of their texts (empty chunks pad the rest)
         chunks = max(self.chunk_count(text) for schedule in schedules for _, text in schedule)
         if all(len(schedule) == 1 for schedule in schedules):
-            alone = [[i] for i in range(len(job.texts))]  # each prompt's mean restored on its own
-            cond = self._encode_texts(job.texts, job.clip_skip, chunks, alone)
-            uncond = self._encode_texts(job.negatives, job.clip_skip, chunks, alone) if guided else None
+            alone = [[i] for i in range(len(prompts))]  # each prompt's mean restored on its own
+            cond = self._encode_texts(prompts, job.clip_skip, chunks, alone)
+            uncond = self._encode_texts(job.negatives, job.clip_skip, chunks, alone[:len(job.negatives)]) \
+                if guided else None
         else:
             conditioning = self._scheduled_conditioning(schedules, job.clip_skip, chunks)
-            b = len(job.prompts)
+            b = len(prompts)
             cond = lambda call: conditioning(call)[:b]  # noqa: E731
             uncond = (lambda call: conditioning(call)[b:]) if guided else None
         return make_denoiser(self.predict_noise, cond, uncond, guidance_scale,
-                             self.scheduler_config.prediction_type, extra_channels)
+                             self.scheduler_config.prediction_type, extra_channels, weights)
 
     def _scheduled_conditioning(self, schedules, clip_skip: int, chunks: int):
         """`conditioning(call)`: the rows of every prompt at the denoiser's call `call`, A1111's way: call i uses
@@ -539,6 +541,22 @@ class StableDiffusion:
         if self._model_hash is None:
             self._model_hash = model_hash(self.source)
         return self._model_hash
+
+
+def _subprompts(prompts: list[str]) -> tuple[list[str], np.ndarray | None]:
+    """Prompts split on AND (`prompts.split_and`): the subprompts, image-major, and their weights (B, K), where
+    shorter prompts are padded with weight-0 copies of their first subprompt; (prompts, None) without AND or
+    weights."""
+    parts = [split_and(p) for p in prompts]
+    k = max(len(p) for p in parts)
+    if k == 1 and all(w == 1.0 for p in parts for _, w in p):
+        return prompts, None
+    texts, weights = [], np.zeros((len(prompts), k))
+    for row, p in enumerate(parts):
+        p = p + [(p[0][0], 0.0)] * (k - len(p))
+        texts += [text for text, _ in p]
+        weights[row] = [w for _, w in p]
+    return texts, weights
 
 
 def _keras_delta(module, leaf, weight: float) -> tf.Tensor:

@@ -294,3 +294,18 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     if _steps(nodes, steps, found):
         found |= set(range(1, steps + 1))
     return [(step, _render(nodes, step, steps)) for step in sorted(found)]
+
+
+_AND = re.compile(r"\bAND\b")
+_SUBPROMPT_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.DOTALL)
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """A prompt's subprompts and their weights, A1111's composable diffusion (Liu et al. 2022): the text is split on
+    the word AND; a subprompt may end in `:weight` (default 1). `a cat AND a hat:0.5` -> [('a cat', 1.0),
+    ('a hat', 0.5)]. Each subprompt is conditioned on by itself and their guidance directions are added up."""
+    parts = []
+    for part in _AND.split(text):
+        match = _SUBPROMPT_WEIGHT.match(part)
+        parts.append((match[1], float(match[2]) if match[2] is not None else 1.0))
+    return parts

@@ -224,3 +224,58 @@ def test_scheduled_prompts_change_the_conditioning_by_model_call(pipe):
         # (a schedule's texts are encoded as one batch: equal to one at a time up to float rounding)
         np.testing.assert_allclose(context[1:], cube if call <= 2 else sphere, atol=1e-5)
         np.testing.assert_allclose(context[:1], y if call == 2 else x, atol=1e-5)
+
+
+# -- AND: composable diffusion, A1111's way -------------------------------------------------------------------------
+
+
+def test_split_and_as_a1111_splits():
+    from stable_diffusion_tf.prompts import split_and
+
+    assert split_and("a cat AND a hat:0.5") == [("a cat", 1.0), (" a hat", 0.5)]
+    assert split_and("a cat") == [("a cat", 1.0)]
+    assert split_and("ANDROID AND x") == [("ANDROID", 1.0), (" x", 1.0)]  # the whole word only
+    assert split_and("a:1.2 AND b : -0.5") == [("a", 1.2), (" b", -0.5)]
+    assert split_and("(a:1.3) AND b") == [("(a:1.3)", 1.0), (" b", 1.0)]  # a weight in brackets is emphasis
+
+
+def test_denoiser_adds_the_guidance_of_each_subprompt():
+    from stable_diffusion_tf.denoiser import make_denoiser
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 4))
+
+    def unet(latents, t, context):  # depends on the context row, so each subprompt gives its own output
+        return latents * context[:, :1, :1, None] + context[:, 1:2, :1, None]
+
+    cond = rng.standard_normal((4, 3, 5))  # 2 images x 2 subprompts
+    uncond = rng.standard_normal((2, 3, 5))
+    weights = np.array([[1.0, 0.5], [0.3, 0.0]])
+    out = make_denoiser(unet, cond, uncond, 7.0, weights=weights)(x, 2.0, 500.0)
+    scaled = x / np.sqrt(5.0)
+    for b in range(2):
+        eps = lambda c: scaled[b] * c[0, 0] + c[1, 0]  # noqa: E731
+        u = eps(uncond[b])
+        guided = u + 7.0 * sum(weights[b, k] * (eps(cond[2 * b + k]) - u) for k in range(2))
+        np.testing.assert_allclose(out[b], x[b] - 2.0 * guided, rtol=1e-6)
+    plain = make_denoiser(unet, cond, None, 1.0, weights=weights)(x, 2.0, 500.0)
+    for b in range(2):
+        eps = lambda c: scaled[b] * c[0, 0] + c[1, 0]  # noqa: E731
+        np.testing.assert_allclose(plain[b], x[b] - 2.0 * sum(weights[b, k] * eps(cond[2 * b + k]) for k in range(2)),
+                                   rtol=1e-6)
+
+
+def test_and_in_generation(pipe):
+    kw = dict(negative_prompt="blurry", height=64, width=64, num_inference_steps=3, seed=3, output_type="np")
+    alone = pipe.text_to_image("a red cube", **kw)
+    halves = pipe.text_to_image("a red cube :0.5 AND a red cube:0.5", **kw)  # two half directions: one whole
+    silent = pipe.text_to_image("a red cube AND a green dog:0", **kw)  # weight 0: no say
+    both = pipe.text_to_image("a red cube AND a green dog", **kw)
+    np.testing.assert_allclose(halves.images, alone.images, atol=1e-4)
+    np.testing.assert_allclose(silent.images, alone.images, atol=1e-4)
+    assert np.abs(both.images - alone.images).max() > 1e-2
+    assert both.parameters[0].startswith("a red cube AND a green dog\n")
+    batch = pipe.text_to_image(["a red cube AND a green dog", "a red cube"], **{**kw, "batch_size": 2})
+    np.testing.assert_allclose(batch.images[0], both.images[0], atol=1e-4)  # padded with a weight-0 subprompt
+    np.testing.assert_allclose(batch.images[1], pipe.text_to_image("a red cube", **{**kw, "seed": 4}).images[0],
+                               atol=1e-4)
