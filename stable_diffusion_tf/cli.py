@@ -91,9 +91,15 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
     if mode == "text2image":
         size = _int_in(MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE)
         p.add_argument("--H", type=size, default=None,
-                       help="image height, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
+                       help="image height, multiple of 8 (default: the model's: 1024 for SDXL, 768 for SD 2.x "
+                            "v-models, else 512)")
         p.add_argument("--W", type=size, default=None,
-                       help="image width, multiple of 8 (default: the model's, 768 for SD 2.x v-models, else 512)")
+                       help="image width, multiple of 8 (default: the model's: 1024 for SDXL, 768 for SD 2.x "
+                            "v-models, else 512)")
+        p.add_argument("--refiner", default=None, metavar="WEIGHTS",
+                       help="a model (the SDXL refiner: a file, folder or Hub repo id) that takes over the last steps")
+        p.add_argument("--refiner-switch", type=_float_in(0, 1), default=0.8, metavar="FRACTION",
+                       help="where the refiner takes over, as diffusers' denoising_end (default: 0.8)")
     else:
         p.add_argument("--init-image", "--image", dest="image", required=True, metavar="PATH",
                        help="the starting image (PNG, JPEG, WebP, BMP, GIF or TIFF); the output has its size, "
@@ -129,6 +135,9 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
                    help="a .safetensors/.ckpt file, a diffusers folder, a Hub repo id, or 'demo' (the small "
                         "shapes model in this package) (default: Stable Diffusion 1.5 from the Hugging Face Hub "
                         "when it is cached or reachable, else the demo model)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a VAE of its own to use (a .safetensors/.ckpt file or diffusers folder, e.g. "
+                        "vae-ft-mse-840000 for SD 1.5 or the fp16-fix VAE for SDXL)")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="what the model predicts, for single files that do not say (default: v_prediction for "
                         "SD 2.x files, epsilon otherwise; a diffusers folder's scheduler config)")
@@ -161,9 +170,12 @@ def main(argv: list[str] | None = None, mode: str = "text2image") -> int:
         if args.seed is not None and args.seed + args.batch - 1 > MAX_SEED:  # image i uses seed + i
             return _fail(f"argument --seed: must be at most {MAX_SEED - args.batch + 1} with --batch {args.batch}",
                          mode)
-        problem = _weights_problem(args.weights)
-        if problem:
-            return _fail(f"argument --weights: {problem}", mode)
+        for flag in ("weights", "refiner", "vae"):
+            problem = _weights_problem(getattr(args, flag, None))
+            if flag == "vae" and args.vae is not None and not os.path.exists(os.path.expanduser(args.vae)):
+                problem = f"{args.vae!r}: no such file or directory"
+            if problem:
+                return _fail(f"argument --{flag}: {problem}", mode)
         if mode == "img2img":  # read now, so a bad file is reported before the model loads
             args.image = load_image(args.image)
         elif mode == "inpaint":  # unblurred: inpaint blurs by --mask-blur and records it
@@ -219,7 +231,13 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
         say(f"loading weights from {source} ({WEIGHT_DTYPES[resolve_precision(precision, warn=False)]}{chosen})")
         loading = time.perf_counter()
         pipe = StableDiffusion.from_pretrained(source, precision=precision, jit_compile=args.jit,
-                                               prediction_type=args.prediction_type)
+                                               prediction_type=args.prediction_type,
+                                               vae=os.path.expanduser(args.vae) if args.vae else None)
+        refiner = None
+        if getattr(args, "refiner", None):
+            refiner_source = resolve(os.path.expanduser(args.refiner))
+            say(f"loading the refiner from {refiner_source}")
+            refiner = StableDiffusion.from_pretrained(refiner_source, precision=pipe.precision, jit_compile=args.jit)
         for path in args.embedding:
             pipe.load_embedding(path)
         for name, path in args.loras.items():
@@ -242,7 +260,8 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
                 result = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
                                       mask_blur=args.mask_blur, **common)
             else:
-                result = pipe.text_to_image(args.prompt, height=height, width=width, **common)
+                result = pipe.text_to_image(args.prompt, height=height, width=width, refiner=refiner,
+                                            refiner_switch=args.refiner_switch, **common)
     written = [save_png(image, path, parameters, overwrite=args.overwrite)
                for image, path, parameters in zip(result.images, paths, result.parameters, strict=True)]
     print("wrote " + ", ".join(f"{path} (seed {seed})" for path, seed in zip(written, result.seeds, strict=True)))

@@ -120,6 +120,8 @@ class CLIPTextModel(Network):
 
     With `output_hidden_states=True` also returns every layer's output as transformers does:
     a list of num_hidden_layers + 1 tensors, the embeddings first, none with the final norm.
+    With a `projection_dim` (SDXL's OpenCLIP bigG, transformers' CLIPTextModelWithProjection) it also has the
+    `text_projection` of `pooled`.
     """
 
     config_class = CLIPConfig
@@ -131,12 +133,23 @@ class CLIPTextModel(Network):
         self.embeddings = CLIPEmbeddings(config, name="embeddings", dtype=dt)
         self.encoder = CLIPEncoder(config, name="encoder", dtype=dt)
         self.final_layer_norm = layer_norm(config.layer_norm_eps, "final_layer_norm", dt)
+        if config.projection_dim:
+            self.text_projection = dense(config.projection_dim, name="text_projection", dtype=dt, use_bias=False)
 
     def build(self, input_shape=None):
         """Creates every variable from the config's sizes (no forward pass)."""
         self.embeddings.build()
         self.encoder.build()
         build_leaf(self.final_layer_norm, self.config.hidden_size, rank=3)
+        if self.config.projection_dim:
+            build_leaf(self.text_projection, self.config.hidden_size, rank=2)
+
+    def pooled(self, last, input_ids):
+        """The projected text embedding: the final hidden state (B, L, D) at each row's end token, found as
+        transformers does, as the largest token id (the end token is the last id of CLIP's vocabulary)."""
+        end = ops.argmax(input_ids, axis=-1)
+        picked = ops.take_along_axis(last, ops.reshape(end, (-1, 1, 1)), axis=1)[:, 0]
+        return self.text_projection(picked)
 
     def call(self, input_ids, output_hidden_states=False, replacements=None):
         length = ops.shape(input_ids)[1]

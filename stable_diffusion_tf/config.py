@@ -23,12 +23,16 @@ class CLIPConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # CLIPTextModelWithProjection's text_projection (SDXL's OpenCLIP bigG)
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "CLIPConfig":
         """Reads a transformers CLIPTextConfig config.json dict."""
         cfg = cfg.get("text_config", cfg)
-        return cls(**_known_fields(cls, cfg))
+        values = _known_fields(cls, cfg)
+        if "CLIPTextModelWithProjection" not in (cfg.get("architectures") or ()):
+            values.pop("projection_dim", None)  # every CLIPTextConfig has one; only this class uses it
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -41,16 +45,23 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     layers_per_block: int = 2
     num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
-    transformer_layers_per_block: int = 1
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False
     upcast_attention: bool = False  # q.k in float32 under mixed precision too (SD 2.1)
+    addition_time_embed_dim: int = 0
+    addition_input_dim: int = 0  # diffusers' projection_class_embeddings_input_dim
 
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
+
+    def depth(self, level: int) -> int:
+        """Transformer layers per attention block at a level (-1: the mid block)."""
+        layers = self.transformer_layers_per_block
+        return layers if isinstance(layers, int) else layers[level]
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
@@ -63,8 +74,12 @@ class UNetConfig:
         if isinstance(heads, int):
             heads = (heads,) * len(levels)
         layers = cfg.get("transformer_layers_per_block", 1)
-        if not isinstance(layers, int):
-            raise ValueError("unsupported UNet: per-level transformer depth (SDXL-style)")
+        layers = layers if isinstance(layers, int) else tuple(layers)
+        if cfg.get("reverse_transformer_layers_per_block") is not None:
+            raise ValueError("unsupported UNet: up blocks with their own transformer depths")
+        added = cfg.get("addition_embed_type")
+        if added not in (None, "text_time") or cfg.get("class_embed_type") or cfg.get("time_cond_proj_dim"):
+            raise ValueError(f"unsupported UNet: added conditioning {added or cfg.get('class_embed_type')}")
         return cls(
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
@@ -78,6 +93,8 @@ class UNetConfig:
             norm_eps=cfg.get("norm_eps", 1e-5),
             use_linear_projection=cfg.get("use_linear_projection", False),
             upcast_attention=cfg.get("upcast_attention", False),
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 0 if added else 0,
+            addition_input_dim=cfg.get("projection_class_embeddings_input_dim") or 0 if added else 0,
         )
 
 
@@ -106,8 +123,9 @@ OPEN_CLIP_PAD_TOKEN_ID = 0  # SD 2.x pads with 0, the token "!", as OpenCLIP and
 
 
 def pad_token_id(family: str) -> int:
-    """The token that pads a family's prompts to 77."""
-    return OPEN_CLIP_PAD_TOKEN_ID if family.startswith("sd2") else END_TOKEN_ID
+    """The token that pads a family's prompts to 77 (SDXL: its first text encoder's, CLIP ViT-L's; the refiner has
+    only the OpenCLIP one)."""
+    return OPEN_CLIP_PAD_TOKEN_ID if family.startswith("sd2") or family == "sdxl-refiner" else END_TOKEN_ID
 
 
 @dataclass(frozen=True)
@@ -115,12 +133,23 @@ class ModelConfig:
     """The three networks of one Stable Diffusion model, and the token that pads its prompts."""
 
     family: str
-    text_encoder: CLIPConfig
+    text_encoder: CLIPConfig | None  # None: the SDXL refiner, which has only text_encoder_2
     unet: UNetConfig
     vae: VAEConfig
     pad_token_id: int = END_TOKEN_ID  # see `pad_token_id`
     sample_size: int | None = None  # the image side it was trained at, in pixels (None: the family's)
     prediction_type: str | None = None  # what its UNet predicts, where the file says (None: the family's)
+    text_encoder_2: CLIPConfig | None = None  # SDXL's OpenCLIP ViT-bigG, with its text projection
+
+    @property
+    def xl(self) -> bool:
+        """Whether this is an SDXL model (base, refiner or inpainting): two text streams and added conditioning."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def encoder_configs(self) -> list[CLIPConfig]:
+        """The text encoders' configs, in the order their outputs are concatenated."""
+        return [c for c in (self.text_encoder, self.text_encoder_2) if c is not None]
 
 
 SD1 = ModelConfig("sd1", CLIPConfig(), UNetConfig(), VAEConfig())
@@ -133,4 +162,29 @@ SD2 = ModelConfig(
                upcast_attention=True),
     VAEConfig(),
     pad_token_id=OPEN_CLIP_PAD_TOKEN_ID,
+)
+
+# SDXL (Podell et al. 2023): CLIP ViT-L (penultimate layer) beside OpenCLIP ViT-bigG/14 (penultimate layer, and its
+# projected pooled output); a 3-level UNet without attention at the first level, head dim 64, 2048-wide context
+_BIG_G = CLIPConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    hidden_act="gelu", projection_dim=1280)
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+SDXL = ModelConfig(
+    "sdxl",
+    CLIPConfig(),
+    UNetConfig(block_out_channels=(320, 640, 1280), attention_levels=(False, True, True),
+               num_attention_heads=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+               use_linear_projection=True, addition_time_embed_dim=256, addition_input_dim=2816),
+    SDXL_VAE,
+    text_encoder_2=_BIG_G,
+)
+SDXL_REFINER = ModelConfig(
+    "sdxl-refiner",
+    None,
+    UNetConfig(block_out_channels=(384, 768, 1536, 1536), attention_levels=(False, True, True, False),
+               num_attention_heads=(6, 12, 24, 24), transformer_layers_per_block=4, cross_attention_dim=1280,
+               use_linear_projection=True, addition_time_embed_dim=256, addition_input_dim=2560),
+    SDXL_VAE,
+    pad_token_id=OPEN_CLIP_PAD_TOKEN_ID,
+    text_encoder_2=_BIG_G,
 )

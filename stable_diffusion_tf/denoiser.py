@@ -9,6 +9,14 @@ import numpy as np
 EpsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def rowwise(f, *conditionings):
+    """f applied to a conditioning: an array of rows (B, ...), or a tuple of them (SDXL: context, pooled text,
+    time ids), part by part."""
+    if isinstance(conditionings[0], tuple):
+        return tuple(f(*parts) for parts in zip(*conditionings))
+    return f(*conditionings)
+
+
 def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float,
                   prediction_type: str = "epsilon", extra_channels: np.ndarray | None = None,
                   weights: np.ndarray | None = None):
@@ -19,6 +27,7 @@ def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guid
     out = out_u + scale * (out_c - out_u), on the raw model output as diffusers does.
     `extra_channels` (inpainting UNets) are concatenated after the latents. `cond` and `uncond` may be functions
     of the call's index (0, 1, ...) giving that call's conditioning (scheduled prompts).
+    A conditioning is an array of rows or a tuple of them (see `rowwise`), passed to `unet` whole.
     `weights` (B, K), for prompts of K subprompts joined by AND (composable diffusion, Liu et al. 2022): `cond`
     then holds B * K rows, image-major, and out = out_u + scale * sum_k w_k (out_c_k - out_u), as A1111 combines
     them; without guidance, out = sum_k w_k out_c_k.
@@ -30,7 +39,7 @@ def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guid
         c = cond(call) if callable(cond) else cond
         if uncond is None:
             return c
-        return np.concatenate([uncond(call) if callable(uncond) else uncond, c])
+        return rowwise(lambda u, c: np.concatenate([u, c]), uncond(call) if callable(uncond) else uncond, c)
 
     fixed = None if callable(cond) or callable(uncond) else context_at(0)
 

@@ -8,6 +8,8 @@ Files (one module = one Linear or Conv2d of the UNet or text encoder; its update
   original-layout spelling (`lora_unet_input_blocks_1_1_proj_in`) is read too.
 - LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`: a Hadamard product of two low-rank products)
   and LoKr (`lokr_w1` or `lokr_w1_a`/`_b`, `lokr_w2` or `lokr_w2_a`/`_b`: a Kronecker product).
+- SDXL: kohya's `lora_te1_` / `lora_te2_` (CLIP-L / bigG) and original-layout UNet names
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`); diffusers' `text_encoder_2.`.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` and `text_encoder.<module>...`, alpha from
   the `lora_adapter_metadata` JSON (or `.alpha` tensors; none: alpha = rank); the older diffusers spellings
   (`.processor.to_q_lora.down.weight`, `.lora.down.weight`, `.lora_linear_layer.down.weight`) too.
@@ -119,7 +121,7 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
 class Module:
     """One layer's update in a file: which layer, the kind of update, its tensors (float32) and its scale."""
 
-    part: str  # "unet" or "text_encoder"
+    part: str  # "unet", "text_encoder" or (SDXL) "text_encoder_2"
     layer: str  # our (diffusers) module name: down_blocks.0.attentions.0.proj_in
     kind: str  # "lora", "loha" or "lokr"
     tensors: dict
@@ -162,11 +164,13 @@ class LoraFile:
         return {m.part for m in self.modules}
 
 
-def target_names(unet_layers, text_layers, compvis=None) -> dict[str, tuple[str, str]]:
+def target_names(unet_layers, text_layers, compvis=None, text_layers_2=(),
+                 xl: bool = False) -> dict[str, tuple[str, str]]:
     """Every spelling a file may use for a layer -> (part, our layer name), for the layers a LoRA can change.
 
-    `unet_layers` and `text_layers` are our (diffusers) module names; `compvis(name)` gives a UNet module's
-    original-layout name (`input_blocks.1.1.proj_in`) for the files that use it.
+    `unet_layers`, `text_layers` and (SDXL's bigG) `text_layers_2` are our (diffusers) module names; `compvis(name)`
+    gives a UNet module's original-layout name (`input_blocks.1.1.proj_in`, as kohya's SDXL files spell them) for
+    the files that use it. kohya calls SDXL's text encoders `lora_te1_` and `lora_te2_`, SD 1.x/2.x's `lora_te_`.
     """
     names = {}
     for layer in unet_layers:
@@ -174,10 +178,12 @@ def target_names(unet_layers, text_layers, compvis=None) -> dict[str, tuple[str,
             names[_kohya(spelling) if spelling.startswith("lora_") else spelling] = ("unet", layer)
         if compvis is not None:
             names[_kohya(f"lora_unet_{compvis(layer)}")] = ("unet", layer)
-    for layer in text_layers:
-        for spelling in (f"text_encoder.text_model.{layer}", f"text_encoder.{layer}"):
-            names[spelling] = ("text_encoder", layer)
-        names[_kohya(f"lora_te_text_model_{layer}")] = ("text_encoder", layer)
+    for part, layers, kohya in (("text_encoder", text_layers, "lora_te1" if xl else "lora_te"),
+                                ("text_encoder_2", text_layers_2, "lora_te2")):
+        for layer in layers:
+            for spelling in (f"{part}.text_model.{layer}", f"{part}.{layer}"):
+                names[spelling] = (part, layer)
+            names[_kohya(f"{kohya}_text_model_{layer}")] = (part, layer)
     return names
 
 
@@ -196,7 +202,7 @@ def _split(key: str) -> tuple[str, str]:
 def _new_spelling(key: str) -> str:
     for pattern, replacement in _OLD_DIFFUSERS:
         key = pattern.sub(replacement, key)
-    if key.startswith("text_encoder."):
+    if key.startswith(("text_encoder.", "text_encoder_2.")):
         for old, new in _OLD_TEXT_ENCODER.items():
             key = key.replace(f".self_attn.{old}.", f".self_attn.{new}.")
     return key
@@ -206,8 +212,10 @@ def read_lora(path: str | os.PathLike, targets: dict[str, tuple[str, str]], shap
               family: str = "sd1") -> LoraFile:
     """Reads and checks a LoRA file against a model: `targets` from `target_names`, `shapes[(part, layer)]` the
     layer's torch weight shape. Every key must name a layer of the model and every update must fit it; a
-    CheckpointError names the file and the key otherwise (an UnsupportedModelError for another family's file)."""
+    CheckpointError names the file and the key otherwise (an UnsupportedModelError for another family's file).
+    `family`: the model's (config.family; SDXL's refiner and inpainting count as SDXL)."""
     path = os.fspath(path)
+    family = "sdxl" if family.startswith("sdxl") else family.removesuffix("-inpainting")
     with open_checkpoint(path) as file:
         metadata = file.metadata
         _check_family(path, metadata, file.keys(), family)
@@ -369,7 +377,7 @@ def _peft_alpha(peft: dict, part: str, layer: str, rank: int | None) -> float | 
     config = peft.get(part)
     if not config:
         return None
-    module = f"text_model.{layer}" if part == "text_encoder" else layer
+    module = f"text_model.{layer}" if part.startswith("text_encoder") else layer
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module) or re.match(rf"(.*\.)?({pattern})$", layer):
             return float(alpha)

@@ -4,6 +4,7 @@ three generation modes as short functions over those steps."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -15,11 +16,11 @@ import tensorflow as tf
 from keras import ops
 
 from . import checks, precision as precisions
-from .config import ModelConfig
+from .config import END_TOKEN_ID, OPEN_CLIP_PAD_TOKEN_ID, ModelConfig
 from .decoding import ImageDecoder
-from .denoiser import make_denoiser
-from .errors import InputError, StableDiffusionError, StableDiffusionWarning
-from .embeddings import embedding_name, read_embedding
+from .denoiser import make_denoiser, rowwise
+from .errors import CheckpointError, InputError, StableDiffusionError, StableDiffusionWarning
+from .embeddings import XL_KEYS, embedding_name, read_embedding
 from .hub import resolve
 from .lora import LoraFile, LoraTag, lora_name, lora_tags, read_lora, target_names
 from .prompts import chunk_prompt, prompt_schedule, split_and
@@ -34,6 +35,7 @@ from .weights.load import Models, load, load_vae
 from .weights.names import UNET_PREFIX, unet_compvis
 
 Callback = Callable[[int, int, np.ndarray], None]
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's time ids (diffusers' defaults)
 
 
 @dataclasses.dataclass
@@ -95,30 +97,35 @@ class StableDiffusion:
                  jit_compile: bool = False, scheduler_config: SchedulerConfig | None = None,
                  source: str | None = None):
         self.config: ModelConfig = models.config
-        self.text_encoder, self.unet, self.vae = models.text_encoder, models.unet, models.vae
-        self.tokenizer = tokenizer or CLIPTokenizer(max_length=self.config.text_encoder.max_position_embeddings,
-                                                    pad_token_id=self.config.pad_token_id)
+        self.text_encoder, self.unet = models.text_encoder, models.unet
+        self.text_encoder_2 = models.text_encoder_2  # SDXL's OpenCLIP bigG (the refiner's only text encoder)
+        self.tokenizer = tokenizer or CLIPTokenizer(
+            max_length=self.config.encoder_configs[0].max_position_embeddings, pad_token_id=self.config.pad_token_id)
+        # SDXL: an empty negative prompt is zeros, not the encoded "" (diffusers' force_zeros_for_empty_prompt, which
+        # the refiner's model_index.json turns off; A1111 zeros for both)
+        self.force_zeros_for_empty_prompt = self.config.family in ("sdxl", "sdxl-inpainting")
         self.precision = precisions.policy(precision)
         self.jit_compile = jit_compile
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.source = source
         self._model_hash: str | None = None
         self._comma_id = self.tokenizer.encode(",")[0]
-        self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion vectors by name (`load_embedding`)
+        # textual-inversion vectors by name (`load_embedding`), one (n, width) array per text encoder
+        self.embeddings: dict[str, tuple[np.ndarray, ...]] = {}
         self._embedding_hashes: dict[str, str] = {}  # A1111's short hash of each embedding's file
         self.loras: dict[str, LoraFile] = {}  # LoRA files by name (`load_lora`)
         self._lora_layers: dict | None = None  # (part, layer name) -> the Dense or Conv2D a LoRA may change
         self._lora_backups: dict[tuple[str, str], tf.Tensor] = {}  # base kernels of the layers LoRAs changed
         self._active_loras: tuple | None = ()  # (name, te, unet) of the LoRAs merged now; None: unknown
         unet = self.unet
-        self._unet_step = tf.function(lambda x, t, c: ops.cast(unet(x, t, c), "float32"), jit_compile=jit_compile)
-        self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in self.vae.encode(x)])
-        self._decoder = ImageDecoder(self.vae, self.config.vae.scaling_factor, self._float32_vae)
+        self._unet_step = tf.function(lambda x, t, c, *added: ops.cast(unet(x, t, c, *added), "float32"),
+                                      jit_compile=jit_compile)
+        self._set_vae(models.vae, source)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, precision: str = "float32",
                         jit_compile: bool = False, config: ModelConfig | None = None,
-                        prediction_type: str | None = None) -> "StableDiffusion":
+                        prediction_type: str | None = None, vae: str | os.PathLike | None = None) -> "StableDiffusion":
         """Loads a .safetensors/.ckpt single file, a diffusers folder, a Hub repo id (None: SD 1.5), or "demo" (the
         small model shipped in this package, see `training`).
 
@@ -128,6 +135,7 @@ class StableDiffusion:
         `prediction_type` ("epsilon" or "v_prediction") overrides what the files say, as diffusers'
         from_single_file does; without it a folder's scheduler config decides, and a single file is
         taken as v-prediction if SD 2.x (diffusers' default: the 768 models), epsilon otherwise.
+        `vae` loads the VAE from another file or folder (see `use_vae`).
         Loading is strict: every tensor is checked by name and shape before any is read (CheckpointError).
         """
         policy = resolve_precision(precision)
@@ -137,12 +145,40 @@ class StableDiffusion:
         models = load(path, config=config, dtype=precisions.WEIGHT_DTYPES[policy])
         scheduler = SchedulerConfig.of_model(path, models.config.family,
                                              prediction_type or models.config.prediction_type)
-        return cls(models, precision=policy, jit_compile=jit_compile, scheduler_config=scheduler, source=path)
+        pipe = cls(models, precision=policy, jit_compile=jit_compile, scheduler_config=scheduler, source=path)
+        index = os.path.join(path, "model_index.json")
+        if models.config.xl and os.path.isfile(index):  # a diffusers folder's pipeline settings
+            try:
+                with open(index, encoding="utf-8") as f:
+                    zeros = json.load(f).get("force_zeros_for_empty_prompt", pipe.force_zeros_for_empty_prompt)
+            except (OSError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"{index}: unreadable ({e})") from None
+            pipe.force_zeros_for_empty_prompt = zeros is True
+        if vae is not None:
+            pipe.use_vae(vae)
+        return pipe
+
+    def use_vae(self, source: str | os.PathLike) -> None:
+        """Swaps in the VAE of another file or folder, as people do (`vae-ft-mse-840000` for SD 1.5, the fp16-fix
+        VAE for SDXL): a diffusers VAE folder or file, an original-layout VAE file, or a whole model's VAE
+        (`weights.load.load_vae`). It must have this model's architecture; the scaling factor stays the model's."""
+        source = os.fspath(source)
+        if not os.path.exists(source):
+            raise InputError(f"VAE {source}: no such file or folder")
+        self._set_vae(load_vae(source, self.config.vae, precisions.WEIGHT_DTYPES[self.precision]), source)
+
+    def _set_vae(self, vae: AutoencoderKL, source: str | None) -> None:
+        """The VAE and its compiled encode and decode (a new VAE needs new ones: a trace holds its variables)."""
+        self.vae, self.vae_source = vae, source
+        self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in vae.encode(x)])
+        self._decoder = ImageDecoder(vae, self.config.vae.scaling_factor, self._float32_vae)
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
 
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1, chunks: int = 1) -> np.ndarray:
-        """Prompts in AUTOMATIC1111's syntax -> the weighted text conditioning (B, 77 * k, width).
+        """Prompts in AUTOMATIC1111's syntax -> the weighted text conditioning (B, 77 * k, width); for SDXL the pair
+        (context, pooled): both text encoders' penultimate layers side by side, and bigG's projected pooled output of
+        the first chunk (B, projection_dim), as diffusers' encode_prompt and A1111 compute them.
 
         `(x)`, `[x]` and `(x:w)` weight the encoder output of their tokens, then the mean over the batch is put
         back (A1111's "Original" emphasis; see `prompts.py`). Each weighted fragment is tokenized on its own;
@@ -160,7 +196,7 @@ class StableDiffusion:
     def _encode_texts(self, prompts: list[str], clip_skip: int, chunks: int, groups: list[list[int]]) -> np.ndarray:
         """`encode_prompt`, with the mean restored over each group of rows: each prompt alone, as A1111 encodes
         each prompt on its own; the texts of one prompt's schedule together, as A1111 encodes them."""
-        checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
+        self._check_clip_skip(clip_skip)
         chunked = [self._chunks(p) for p in prompts]
         count = max(chunks, *(len(c.ids) for c in chunked))
         if count > checks.MAX_CHUNKS:
@@ -169,20 +205,35 @@ class StableDiffusion:
         ids = np.array([c.ids + empty.ids * (count - len(c.ids)) for c in chunked], np.int32)
         weights = np.array([c.weights + empty.weights * (count - len(c.ids)) for c in chunked], np.float32)
         fixes = [c.fixes + empty.fixes * (count - len(c.ids)) for c in chunked]
-        if self.tokenizer.pad_token_id != self.tokenizer.eos_token_id:  # SD 2.x: pad after the first end token
-            after_end = np.cumsum(ids == self.tokenizer.eos_token_id, axis=-1) - (ids == self.tokenizer.eos_token_id)
-            ids = np.where(after_end > 0, self.tokenizer.pad_token_id, ids).astype(np.int32)
-        out = []
+        out, pooled = [], None
         for j in range(count):
-            z = self._encode_text(ids[:, j], clip_skip, [f[j] for f in fixes])
-            w = weights[:, j, :, None]
-            for rows in groups:  # the means in float64: their ratio is ill-conditioned when they are near 0
-                if np.any(w[rows] != 1):
-                    mean = z[rows].mean(dtype=np.float64)
-                    weighted = z[rows] * w[rows]
-                    z[rows] = weighted * np.float32(mean / weighted.mean(dtype=np.float64))
-            out.append(z)
-        return np.concatenate(out, axis=1)
+            parts = []
+            for index, (encoder, pad) in enumerate(self._encoders()):
+                z, pool = self._encode_text(_padded(ids[:, j], pad), clip_skip, [f[j] for f in fixes], encoder,
+                                            index)
+                pooled = pool if j == 0 else pooled  # SDXL's pooled vector: the first chunk's (A1111)
+                w = weights[:, j, :, None]
+                for rows in groups:  # each encoder's own mean (A1111), in float64: the ratio is ill-conditioned
+                    if np.any(w[rows] != 1):  # when it is near 0
+                        mean = z[rows].mean(dtype=np.float64)
+                        weighted = z[rows] * w[rows]
+                        z[rows] = weighted * np.float32(mean / weighted.mean(dtype=np.float64))
+                parts.append(z)
+            out.append(np.concatenate(parts, axis=-1))
+        context = np.concatenate(out, axis=1)
+        return (context, pooled) if self.config.xl else context
+
+    def _encoders(self) -> list[tuple]:
+        """(text encoder, pad token id) in the order their outputs are concatenated; SDXL's bigG pads with 0."""
+        encoders = [(self.text_encoder, self.config.pad_token_id)] if self.text_encoder is not None else []
+        if self.text_encoder_2 is not None:
+            encoders.append((self.text_encoder_2, OPEN_CLIP_PAD_TOKEN_ID))
+        return encoders
+
+    def _check_clip_skip(self, clip_skip) -> None:
+        """Clip skip N within every text encoder's depth (SDXL already reads the penultimate layer at N = 1)."""
+        deepest = min(c.num_hidden_layers for c in self.config.encoder_configs) - (1 if self.config.xl else 0)
+        checks.check_clip_skip(clip_skip, deepest)
 
     def chunk_count(self, prompt: str) -> int:
         """How many 77-token chunks `prompt` takes (see `encode_prompt`)."""
@@ -191,7 +242,9 @@ class StableDiffusion:
     def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Registers a textual-inversion embedding (see `embeddings.py`) under `name` (default: the file's stem);
         prompts and negative prompts use it by that name. Returns the name."""
-        vectors = read_embedding(path, self.config.text_encoder.hidden_size)
+        widths = tuple(c.hidden_size for c in self.config.encoder_configs)
+        xl_keys = XL_KEYS[-len(widths):] if self.config.xl else ()  # the refiner reads clip_g alone
+        vectors = read_embedding(path, widths, xl_keys)
         name = embedding_name(path) if name is None else name
         if not isinstance(name, str) or not self.tokenizer.encode(name):
             raise InputError(f"embedding name {name!r} has no tokens; give it a name made of letters or digits")
@@ -211,11 +264,12 @@ class StableDiffusion:
         """
         layers = self._lora_targets()
         unet = [layer for part, layer in layers if part == "unet"]
-        text = [layer for part, layer in layers if part == "text_encoder"]
+        text, text_2 = ([layer for part, layer in layers if part == name]
+                        for name in ("text_encoder", "text_encoder_2"))
         compvis = (lambda layer: unet_compvis(f"{layer}.weight", self.config.unet)
                    .removeprefix(UNET_PREFIX).removesuffix(".weight"))
         shapes = {key: torch_shape(leaf, "weight", leaf.kernel.shape) for key, leaf in layers.items()}
-        lora = read_lora(path, target_names(unet, text, compvis), shapes, self.config.family)
+        lora = read_lora(path, target_names(unet, text, compvis, text_2, self.config.xl), shapes, self.config.family)
         name = lora_name(path) if name is None else name
         if not isinstance(name, str) or not re.fullmatch(r"[^<>:]+", name) or name != name.strip():
             raise InputError(f"LoRA name {name!r} cannot be written in a <lora:name:weight> tag; give another name")
@@ -226,8 +280,9 @@ class StableDiffusion:
 
     def _lora_targets(self) -> dict:
         if self._lora_layers is None:
-            self._lora_layers = {(part, name): leaf for part, network in (("unet", self.unet),
-                                                                           ("text_encoder", self.text_encoder))
+            networks = (("unet", self.unet), ("text_encoder", self.text_encoder),
+                        ("text_encoder_2", self.text_encoder_2))
+            self._lora_layers = {(part, name): leaf for part, network in networks if network is not None
                                  for name, leaf in leaf_layers(network).items()
                                  if isinstance(leaf, (keras.layers.Dense, keras.layers.Conv2D))}
         return self._lora_layers
@@ -252,7 +307,7 @@ class StableDiffusion:
         totals: dict[tuple[str, str], tf.Tensor] = {}
         for tag in tags:
             for module in self.loras[tag.name].modules:
-                weight = tag.te if module.part == "text_encoder" else tag.unet
+                weight = tag.unet if module.part == "unet" else tag.te
                 if weight == 0:
                     continue
                 key = (module.part, module.layer)
@@ -271,36 +326,52 @@ class StableDiffusion:
 
     def _chunks(self, prompt: str):
         t = self.tokenizer
-        embeddings = {tuple(t.encode(name)): (name, len(v)) for name, v in self.embeddings.items()}
+        embeddings = {tuple(t.encode(name)): (name, len(v[0])) for name, v in self.embeddings.items()}
         return chunk_prompt(prompt, t.encode, t.bos_token_id, t.eos_token_id, self._comma_id,
                             length=t.max_length - 2, embeddings=embeddings)
 
-    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None) -> np.ndarray:
-        """Token ids (B, 77) -> the text encoder's last hidden state, or with clip skip N the N-th last layer's
-        output through the final layer norm; float32. `fixes[b]` lists (position, embedding name) of row b."""
+    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None, encoder=None, index: int = 0):
+        """Token ids (B, 77) -> (the text encoder's last hidden state, or with clip skip N the N-th last layer's
+        output through the final layer norm; None), float32. SDXL's encoders give their (N+1)-th last layer without
+        the norm (diffusers' hidden_states[-(clip_skip + 2)] for its clip_skip N - 1), and bigG its projected pooled
+        output in place of None. `fixes[b]` lists (position, embedding name) of row b; `index` says which of the
+        model's text encoders `encoder` is (which of an embedding's vectors it reads)."""
+        encoder = encoder or self.text_encoder
+        numpy = lambda t: np.asarray(ops.convert_to_numpy(t), dtype=np.float32)  # noqa: E731
         replacements = None
         if fixes and any(fixes):
             mask = np.zeros((*ids.shape, 1), bool)
-            vectors = np.zeros((*ids.shape, self.config.text_encoder.hidden_size), np.float32)
+            vectors = np.zeros((*ids.shape, encoder.config.hidden_size), np.float32)
             for row, row_fixes in enumerate(fixes):
                 for position, name in row_fixes:
-                    v = self.embeddings[name]
+                    v = self.embeddings[name][index]
                     mask[row, position:position + len(v)] = True
                     vectors[row, position:position + len(v)] = v
             replacements = (mask, vectors)
+        if self.config.xl:
+            last, hidden = encoder(ids, output_hidden_states=True, replacements=replacements)
+            pooled = numpy(encoder.pooled(last, ids)) if encoder.config.projection_dim else None
+            return numpy(hidden[-(clip_skip + 1)]), pooled
         if clip_skip == 1:
-            z = self.text_encoder(ids, replacements=replacements)
+            z = encoder(ids, replacements=replacements)
         else:
-            _, hidden = self.text_encoder(ids, output_hidden_states=True, replacements=replacements)
-            z = self.text_encoder.final_layer_norm(hidden[-clip_skip])
-        return np.asarray(ops.convert_to_numpy(z), dtype=np.float32)
+            _, hidden = encoder(ids, output_hidden_states=True, replacements=replacements)
+            z = encoder.final_layer_norm(hidden[-clip_skip])
+        return numpy(z), None
 
-    def predict_noise(self, latents, timesteps, context) -> np.ndarray:
+    def predict_noise(self, latents, timesteps, context, text_embeds=None, time_ids=None) -> np.ndarray:
         """UNet output (epsilon, or v for v-prediction models) for latents (B, h, w, C), timesteps (int or (B,))
-        and text context (B, 77, width), as one compiled call (traced once per input shape; XLA with jit_compile)."""
+        and text context (B, 77, width), as one compiled call (traced once per input shape; XLA with jit_compile).
+        SDXL also takes the pooled text embedding (B, P) and the time ids (B, 6), or (B, 5) for the refiner;
+        `context` may be the tuple (context, text_embeds, time_ids) the samplers' conditioning is."""
+        if isinstance(context, tuple):
+            context, text_embeds, time_ids = context
         latents = np.asarray(latents, dtype=np.float32)
         timesteps = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.float32), (latents.shape[0],)))
-        return self._unet_step(latents, timesteps, np.asarray(context, dtype=np.float32)).numpy()
+        added = [np.asarray(a, dtype=np.float32) for a in (text_embeds, time_ids)] if self.config.xl else []
+        if self.config.xl and (text_embeds is None or time_ids is None):
+            raise InputError("an SDXL UNet needs text_embeds (the pooled text) and time_ids")
+        return self._unet_step(latents, timesteps, np.asarray(context, dtype=np.float32), *added).numpy()
 
     def prepare(self, height: int | None = None, width: int | None = None, batch_size: int = 1,
                 guidance_scale: float = 7.5) -> None:
@@ -309,7 +380,12 @@ class StableDiffusion:
         batch = batch_size * (2 if guidance_scale > 1.0 else 1)
         latents = np.zeros((batch, height // 8, width // 8, self.config.unet.in_channels), np.float32)
         context = np.zeros((batch, self.tokenizer.max_length, self.config.unet.cross_attention_dim), np.float32)
-        self._unet_step.get_concrete_function(latents, np.zeros((batch,), np.float32), context)
+        added = []
+        if self.config.xl:  # the pooled text and the time ids
+            unet, pooled = self.config.unet, self.config.text_encoder_2.projection_dim
+            ids = (unet.addition_input_dim - pooled) // unet.addition_time_embed_dim
+            added = [np.zeros((batch, pooled), np.float32), np.zeros((batch, ids), np.float32)]
+        self._unet_step.get_concrete_function(latents, np.zeros((batch,), np.float32), context, *added)
 
     def decode_latents(self, latents, tiled: bool | None = None) -> np.ndarray:
         """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3) float32 in [0, 1] (see `decoding.ImageDecoder`:
@@ -335,8 +411,8 @@ class StableDiffusion:
     def _float32_vae(self):
         """A float32 VAE for decodes that overflow in reduced precision: read again from the checkpoint, so
         that it decodes as the float32 model does; without a file, the 16-bit weights widened."""
-        if self.source is not None:
-            return load_vae(self.source, self.config.vae, "float32")
+        if self.vae_source is not None:
+            return load_vae(self.vae_source, self.config.vae, "float32")
         vae = AutoencoderKL(self.config.vae, name="vae", dtype="float32")
         vae.build()
         vae.set_weights(self.vae.get_weights())  # same class and config: same variable order
@@ -346,10 +422,12 @@ class StableDiffusion:
 
     @property
     def default_size(self) -> int:
-        """The side the model was trained at: its config's sample_size when it has one, else 768 for SD 2.x
-        v-prediction models and 512 otherwise."""
+        """The side the model was trained at: its config's sample_size when it has one, else 1024 for SDXL, 768 for
+        SD 2.x v-prediction models and 512 otherwise."""
         if self.config.sample_size:
             return self.config.sample_size
+        if self.config.xl:
+            return 1024
         v_prediction = self.scheduler_config.prediction_type == "v_prediction"
         return 768 if self.config.family == "sd2" and v_prediction else 512
 
@@ -357,20 +435,57 @@ class StableDiffusion:
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                       guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None,
                       batch_size: int = 1, latents=None, output_type: str = "pil",
-                      callback: Callback | None = None, clip_skip: int = 1) -> GenerationResult:
-        """Generates images from text (Rombach et al. 2022), matching diffusers' StableDiffusionPipeline.
+                      callback: Callback | None = None, clip_skip: int = 1,
+                      refiner: "StableDiffusion | str | os.PathLike | None" = None,
+                      refiner_switch: float = 0.8) -> GenerationResult:
+        """Generates images from text (Rombach et al. 2022), matching diffusers' StableDiffusionPipeline (and
+        StableDiffusionXLPipeline for SDXL models).
 
         height and width default to the model's `default_size`. Prompts use AUTOMATIC1111's syntax (see
         `encode_prompt`, which also explains `clip_skip`; `<lora:name:weight>` tags: `load_lora`).
+        `refiner` (a pipeline, or a path to load one in this precision) takes over the denoising at
+        `refiner_switch`, the ensemble of experts diffusers runs with `denoising_end` on this model and
+        `denoising_start` on the refiner: the steps whose timestep is below (1 - switch) x 1000 are the refiner's,
+        which also decodes.
         """
         self._check_regular_unet()
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
+        extra = ()
+        if refiner is not None:
+            refiner = self._refiner(refiner, refiner_switch)
+            extra = (f"Refiner: {model_name(refiner.source) if refiner.source else 'unnamed'}"
+                     + (f" [{refiner.model_hash}]" if refiner.source else ""), f"Refiner switch at: {refiner_switch:g}")
         job = self._job(prompt, negative_prompt, batch_size, seed, height, width, num_inference_steps,
-                        guidance_scale, sampler, output_type, clip_skip)
+                        guidance_scale, sampler, output_type, clip_skip, *extra)
         x = initial_latent(job.first_draw(latents), job.schedule)
-        x0 = sample(sampler, self._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw, callback=callback)
-        return self._finish(job, x0, output_type)
+        if refiner is None:
+            x0 = sample(sampler, self._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw,
+                        callback=callback)
+            return self._finish(job, x0, output_type)
+        n = len(job.schedule.timesteps)
+        cutoff = round(self.scheduler_config.num_train_timesteps * (1 - refiner_switch))  # diffusers' rounding
+        switch = int(np.sum(job.schedule.timesteps >= cutoff))
+        on = (lambda offset: lambda k, total, x: callback(offset + k, n, x)) if callback else (lambda offset: None)
+        if switch > 0:
+            x = sample(sampler, self._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw,
+                       callback=on(0), end_index=switch)
+        if switch == n:
+            return self._finish(job, x, output_type)
+        x0 = sample(sampler, refiner._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw,
+                    callback=on(switch), start_index=switch)
+        return self._finish(job, x0, output_type, decoder=refiner)
+
+    def _refiner(self, refiner, switch) -> "StableDiffusion":
+        """The refiner pipeline, loaded if given as a path, checked against this model."""
+        if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch <= 1:
+            raise InputError(f"refiner_switch must be a number in (0, 1], got {switch!r}")
+        if not isinstance(refiner, StableDiffusion):
+            refiner = StableDiffusion.from_pretrained(refiner, precision=self.precision)
+        if refiner.config.vae.latent_channels != self.config.vae.latent_channels:
+            raise InputError("the refiner's latents do not match this model's")
+        refiner._check_regular_unet()
+        return refiner
 
     def image_to_image(self, prompt: str | list[str], image, strength: float = 0.75,
                        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
@@ -449,7 +564,7 @@ class StableDiffusion:
         checks.check_steps(steps)
         checks.check_guidance(guidance_scale)
         checks.check_output_type(output_type)
-        checks.check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
+        self._check_clip_skip(clip_skip)
         if clip_skip > 1:  # A1111 writes it only when it is not the default
             extra = (f"Clip skip: {clip_skip}", *extra)
         texts, tags = self._prompt_loras(prompts)
@@ -484,10 +599,31 @@ class StableDiffusion:
         else:
             conditioning = self._scheduled_conditioning(schedules, job.clip_skip, chunks)
             b = len(prompts)
-            cond = lambda call: conditioning(call)[:b]  # noqa: E731
-            uncond = (lambda call: conditioning(call)[b:]) if guided else None
+            cond = lambda call: rowwise(lambda z: z[:b], conditioning(call))  # noqa: E731
+            uncond = (lambda call: rowwise(lambda z: z[b:], conditioning(call))) if guided else None
+        if self.config.xl:
+            cond, uncond = self._added_conditioning(job, cond, uncond)
         return make_denoiser(self.predict_noise, cond, uncond, guidance_scale,
                              self.scheduler_config.prediction_type, extra_channels, weights)
+
+    def _added_conditioning(self, job: _Job, cond, uncond):
+        """SDXL: (context, pooled) -> (context, pooled, time ids), the negative zeroed when empty (see
+        `force_zeros_for_empty_prompt`). Time ids as diffusers' defaults: original size = target size = the image's,
+        crop (0, 0); the refiner has an aesthetic score in place of the target size, 6 for the prompt and 2.5 for
+        the negative prompt."""
+        width, height = job.settings["size"]
+        refiner = self.config.family == "sdxl-refiner"
+        ids = lambda score: [height, width, 0, 0, score] if refiner else [height, width, 0, 0, height, width]  # noqa
+        zeros = self.force_zeros_for_empty_prompt and all(n == "" for n in job.negatives)
+
+        def added(conditioning, score, zero):
+            def add(c):
+                context, pooled = (np.zeros_like(c[0]), np.zeros_like(c[1])) if zero else c
+                return context, pooled, np.tile(np.float32(ids(score)), (len(context), 1))
+            return (lambda call: add(conditioning(call))) if callable(conditioning) else add(conditioning)
+
+        return (added(cond, AESTHETIC_SCORE, False),
+                added(uncond, NEGATIVE_AESTHETIC_SCORE, zeros) if uncond is not None else None)
 
     def _scheduled_conditioning(self, schedules, clip_skip: int, chunks: int):
         """`conditioning(call)`: the rows of every prompt at the denoiser's call `call`, A1111's way: call i uses
@@ -498,20 +634,22 @@ class StableDiffusion:
             texts = [text for _, text in schedule]
             encoded.append(self._encode_texts(texts, clip_skip, chunks, [list(range(len(texts)))]))
 
-        def conditioning(call: int) -> np.ndarray:
+        def conditioning(call: int):
             rows = []
             for schedule, z in zip(schedules, encoded):
                 index = next((i for i, (last, _) in enumerate(schedule) if call <= last), len(schedule) - 1)
-                rows.append(z[index])
-            return np.stack(rows)
+                rows.append(rowwise(lambda part: part[index], z))
+            return rowwise(lambda *parts: np.stack(parts), *rows)
 
         return conditioning
 
-    def _finish(self, job: _Job, x0: np.ndarray, output_type: str, composite=None) -> GenerationResult:
-        """Checks the final latents, decodes them and attaches each image's recipe; `composite(images)` pastes."""
+    def _finish(self, job: _Job, x0: np.ndarray, output_type: str, composite=None,
+                decoder: "StableDiffusion | None" = None) -> GenerationResult:
+        """Checks the final latents, decodes them (with `decoder`'s VAE if given) and attaches each image's recipe;
+        `composite(images)` pastes."""
         if not np.all(np.isfinite(x0)):
             raise StableDiffusionError("the generation produced NaN or infinite latents (try precision float32)")
-        images = self.decode_latents(x0)
+        images = (decoder or self).decode_latents(x0)
         if composite is not None:
             images = composite(images)
         parameters = [self.recipe(p, n, seed=s, **job.settings) for p, n, s in zip(job.prompts, job.negatives,
@@ -584,6 +722,15 @@ def resolve_precision(precision: str = "auto", warn: bool = True) -> str:
                           "slower than float32; precision 'auto' picks the fastest", StableDiffusionWarning, 3)
         return policy
     return precisions.auto(bool(tf.config.list_physical_devices("GPU")), precisions.cpu_flags())
+
+
+def _padded(ids: np.ndarray, pad: int) -> np.ndarray:
+    """Token ids with every position after the first end token set to `pad` (as SD 2.x's and SDXL bigG's
+    tokenizers pad), or unchanged when the end token is the pad."""
+    if pad == END_TOKEN_ID:
+        return ids
+    end = ids == END_TOKEN_ID
+    return np.where(np.cumsum(end, axis=-1) - end > 0, pad, ids).astype(np.int32)
 
 
 def _first_step(steps: int, strength: float) -> int:

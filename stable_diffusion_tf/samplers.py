@@ -263,7 +263,7 @@ def _between(blend: Blend | None, schedule: Schedule) -> Between:
 def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
            noise: Callable[[int], np.ndarray] | None = None,
            callback: Callable[[int, int, np.ndarray], None] | None = None, start_index: int = 0,
-           blend: Blend | None = None) -> np.ndarray:
+           blend: Blend | None = None, end_index: int | None = None) -> np.ndarray:
     """Run `sampler` from x (sigma space) and return the latents diffusers' loop ends with.
 
     start_index is diffusers' img2img `t_start`: the walk covers `timesteps[t_start * order:]` of diffusers' list,
@@ -274,6 +274,8 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     every sampler, is the latent the VAE decodes, as diffusers' loop ends with it: x0, except for ddim / plms, which
     stop at alphas_cumprod[0] (the VP latent there).
     blend(latents, k) runs after every scheduler step as diffusers' inpainting loop does (see `inpaint_blend`).
+    With `end_index` the walk stops before grid step end_index and returns its latents in sigma space, unfinished
+    (diffusers' `denoising_end`: the SDXL base hands them to the refiner, which goes on with start_index=end_index).
     """
     if sampler not in _SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -282,12 +284,17 @@ def sample(sampler: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule,
     if sampler in ("euler_a", "lcm") and noise is None:
         raise InputError(f"{sampler} needs noise: a callable step_index -> array shaped like x")
     _check_start(schedule, start_index)
-    total = len(schedule.timesteps) - start_index
+    n = len(schedule.timesteps)
+    if end_index is not None and not (isinstance(end_index, int) and start_index < end_index <= n):
+        raise InputError(f"end_index must be an int in ({start_index}, {n}], got {end_index!r}")
+    total = (n if end_index is None else end_index) - start_index
     steps = _SAMPLERS[sampler](denoise, np.asarray(x, np.float64), schedule, start_index, noise,
                                _between(blend, schedule))
     for k, (x, sigma) in enumerate(steps):
         if callback is not None:
             callback(k, total, x / np.sqrt(1 + sigma**2) if schedule.vp else x)
+        if end_index is not None and k + 1 == total and end_index < n:
+            return x
     # every walk ends at sigma 0 (x0 itself) except ddim's and plms', which end at alphas_cumprod[0] as diffusers'
     # do; the VP latent there is what diffusers decodes, and at sigma 0 it is x0 whatever the schedule's form
     return x / np.sqrt(1 + sigma**2)

@@ -66,11 +66,13 @@ class SchedulerConfig:
     @classmethod
     def of_model(cls, path: str, family: str, prediction_type: str | None = None) -> SchedulerConfig:
         """A model's scheduler: a diffusers folder's scheduler/scheduler_config.json, else SD's defaults with
-        v-prediction for SD 2.x single files (diffusers' default: the 768 models); `prediction_type` overrides
+        v-prediction for SD 2.x single files (diffusers' default: the 768 models) and SDXL's leading timestep spacing
+        for SDXL ones; `prediction_type` overrides
         what the files say, as diffusers' from_single_file does."""
         if prediction_type not in (None, *PREDICTION_TYPES):
             raise InputError(f"unknown prediction_type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
-        config = cls(prediction_type="v_prediction" if family == "sd2" else "epsilon")
+        config = cls(prediction_type="v_prediction" if family == "sd2" else "epsilon",
+                     timestep_spacing="leading" if family.startswith("sdxl") else None)  # SDXL's scheduler config
         file = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(file):
             try:

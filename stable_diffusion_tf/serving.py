@@ -170,6 +170,8 @@ class Generation:
     image: Any = None
     mask: Any = None
     mask_blur: int = 4
+    refiner: str | None = None  # A1111's refiner_checkpoint: a model title (txt2img)
+    refiner_switch: float = 0.8  # refiner_switch_at
     fields: dict = dataclasses.field(default_factory=dict)  # the request as sent, for the answer's `parameters`
 
 
@@ -200,6 +202,16 @@ def read_generation(request: dict, mode: str, clip_skip: int) -> Generation:
         mode, _text(request, "prompt"), _text(request, "negative_prompt"), seed, batch_size, n_iter,
         _int(request, "steps", 50, 1, checks.MAX_STEPS), _float(request, "cfg_scale", 7.0, 0, 100), width, height,
         sampler_name(request), clip_skip, fields=fields)
+    refiner = request.get("refiner_checkpoint")
+    if refiner not in (None, "", "None"):  # A1111 clients send "None" for none
+        if not isinstance(refiner, str):
+            raise InputError("refiner_checkpoint must be a model title")
+        if mode != "txt2img":
+            raise InputError("refiner_checkpoint: this server runs a refiner in txt2img only")
+        generation.refiner = refiner
+        generation.refiner_switch = _float(request, "refiner_switch_at", 0.8, 0, 1)
+        if generation.refiner_switch == 0:
+            raise InputError("refiner_switch_at must be above 0")
     if mode == "txt2img":
         return generation
     images = request.get("init_images")
@@ -256,6 +268,7 @@ class Engine:
         self._wake = threading.Condition()
         self._projection: np.ndarray | None = None  # latents -> RGB for previews, fitted per model
         self._lora_order: list[str] = []  # LoRAs this server loaded from --lora-dir, oldest first
+        self._refiner: tuple[str, Any] | None = None  # (path, pipeline) of the refiner last asked for
         self._worker = threading.Thread(target=self._run, name="generation", daemon=True)
 
     # -- models --------------------------------------------------------------------------------------------------
@@ -289,16 +302,33 @@ class Engine:
     def switch_model(self, title: str) -> concurrent.futures.Future | None:
         """Queues loading the model of that title (or name without the extension) from the list: never a path from
         a request; NotFound otherwise. None when it is the loaded one; the job runs between generations."""
-        models = self.models()
         if not isinstance(title, str):
             raise InputError("sd_model_checkpoint must be a string")
+        match, path = self._find_model(title)
+        if match == self.model_title:
+            return None
+        return self.submit(lambda: self._load(path), "switch model")
+
+    def _find_model(self, title: str) -> tuple[str, str]:
+        """(title, path) of the listed model a request names by title or name; NotFound otherwise."""
+        models = self.models()
         plain = re.sub(r"\s*\[[0-9a-f]{8,}\]$", "", title)  # A1111 titles may end in " [hash]"
         match = next((t for t in models if plain in (t, model_name(t))), None)
         if match is None:
             raise NotFound(f"model {title!r} is not in --models-dir; see /sdapi/v1/sd-models")
+        return match, models[match]
+
+    def _refiner_pipe(self, title: str):
+        """The refiner a request names, loaded once and kept (one at a time); the loaded model when it is that."""
+        match, path = self._find_model(title)
         if match == self.model_title:
-            return None
-        return self.submit(lambda: self._load(models[match]), "switch model")
+            return self.pipe
+        if self._refiner is None or self._refiner[0] != path:
+            from .pipeline import StableDiffusion
+
+            self._refiner = None  # the old one leaves memory before the new one loads
+            self._refiner = (path, StableDiffusion.from_pretrained(path, precision=self.pipe.precision))
+        return self._refiner[1]
 
     def loras(self) -> dict[str, str]:
         return {lora_name(p): p for p in find_files(self.lora_dir, LORA_SUFFIXES).values()}
@@ -350,6 +380,8 @@ class Engine:
     def queue(self, generation: Generation) -> concurrent.futures.Future:
         """Queues a checked request (QueueFull when the queue is full); the future gives A1111's answer: images,
         parameters, info."""
+        if generation.refiner is not None:
+            self._find_model(generation.refiner)  # an unknown title is answered now, not after the queue
         return self.submit(lambda: self._generate(generation), generation.mode)
 
     def _prepare_names(self, prompt: str, negative: str) -> None:
@@ -417,7 +449,9 @@ class Engine:
         common = dict(negative_prompt=g.negative_prompt, num_inference_steps=g.steps, guidance_scale=g.cfg_scale,
                       sampler=g.sampler, seed=seed, batch_size=g.batch_size, callback=callback, clip_skip=g.clip_skip)
         if g.mode == "txt2img":
-            return self.pipe.text_to_image(g.prompt, height=g.height, width=g.width, **common)
+            refiner = self._refiner_pipe(g.refiner) if g.refiner is not None else None
+            return self.pipe.text_to_image(g.prompt, height=g.height, width=g.width, refiner=refiner,
+                                           refiner_switch=g.refiner_switch, **common)
         if g.mode == "img2img":
             return self.pipe.image_to_image(g.prompt, g.image, strength=g.strength, **common)
         return self.pipe.inpaint(g.prompt, g.image, g.mask, strength=g.strength, mask_blur=g.mask_blur, **common)

@@ -77,12 +77,15 @@ class UNet(Network):
         def resnet(cin, cout, name):
             return ResnetBlock2D(cin, cout, groups, eps, temb_channels=config.time_embed_dim, name=name, dtype=dt)
 
-        def transformer(channels, heads, name):
-            return Transformer2DModel(channels, heads, config.transformer_layers_per_block, groups,
-                                      config.cross_attention_dim, upcast=config.upcast_attention, name=name, dtype=dt)
+        def transformer(channels, heads, level, name):
+            return Transformer2DModel(channels, heads, config.depth(level), groups, config.cross_attention_dim,
+                                      upcast=config.upcast_attention, name=name, dtype=dt)
 
         self.conv_in = conv(ch[0], 3, "conv_in", dt)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, name="time_embedding", dtype=dt)
+        if config.addition_time_embed_dim:  # SDXL: pooled text + Fourier-embedded time ids, added to the time embedding
+            self.add_embedding = TimestepEmbedding(config.addition_input_dim, config.time_embed_dim,
+                                                   name="add_embedding", dtype=dt)
 
         self.down_blocks = []
         skip_channels = [ch[0]]
@@ -90,7 +93,7 @@ class UNet(Network):
             cin, cout, attn = ch[max(i - 1, 0)], ch[i], config.attention_levels[i]
             prefix = f"down_blocks.{i}"
             resnets = [resnet(cin if j == 0 else cout, cout, f"resnets.{j}") for j in range(config.layers_per_block)]
-            attentions = [transformer(cout, config.num_attention_heads[i], f"attentions.{j}")
+            attentions = [transformer(cout, config.num_attention_heads[i], i, f"attentions.{j}")
                           for j in range(config.layers_per_block)] if attn else None
             down = Downsample2D(cout, name="downsamplers.0", dtype=dt) if i < n - 1 else None
             self.down_blocks.append(UNetBlock(resnets, attentions, downsample=down, name=prefix, dtype=dt))
@@ -98,7 +101,7 @@ class UNet(Network):
 
         self.mid_block = UNetBlock(
             [resnet(ch[-1], ch[-1], "resnets.0"), resnet(ch[-1], ch[-1], "resnets.1")],
-            [transformer(ch[-1], config.num_attention_heads[-1], "attentions.0")],
+            [transformer(ch[-1], config.num_attention_heads[-1], -1, "attentions.0")],
             mid=True, name="mid_block", dtype=dt,
         )
 
@@ -109,7 +112,7 @@ class UNet(Network):
             resnets = []
             for j in range(config.layers_per_block + 1):
                 resnets.append(resnet((prev if j == 0 else cout) + skip_channels.pop(), cout, f"resnets.{j}"))
-            attentions = [transformer(cout, config.num_attention_heads[level], f"attentions.{j}")
+            attentions = [transformer(cout, config.num_attention_heads[level], level, f"attentions.{j}")
                           for j in range(config.layers_per_block + 1)] if attn else None
             up = Upsample2D(cout, name="upsamplers.0", dtype=dt) if level > 0 else None
             self.up_blocks.append(UNetBlock(resnets, attentions, upsample=up, name=f"up_blocks.{i}", dtype=dt))
@@ -122,15 +125,23 @@ class UNet(Network):
         """Creates every variable from the config's sizes (no forward pass)."""
         ch = self.config.block_out_channels
         build_leaf(self.conv_in, self.config.in_channels)
-        for block in (self.time_embedding, *self.down_blocks, self.mid_block, *self.up_blocks):
+        added = [self.add_embedding] if self.config.addition_time_embed_dim else []
+        for block in (self.time_embedding, *added, *self.down_blocks, self.mid_block, *self.up_blocks):
             block.build()
         build_leaf(self.conv_norm_out, ch[0])
         build_leaf(self.conv_out, ch[0])
 
-    def call(self, latents, timesteps, context):
-        """latents (B, h, w, in_channels), timesteps (B,) float, context (B, L, cross_attention_dim)."""
+    def call(self, latents, timesteps, context, text_embeds=None, time_ids=None):
+        """latents (B, h, w, in_channels), timesteps (B,) float, context (B, L, cross_attention_dim); SDXL also
+        takes the pooled text embedding (B, P) and the time ids (B, n): size, crop, target size or aesthetic score."""
         temb = self.time_embedding(ops.cast(timestep_embedding(timesteps, self.config.block_out_channels[0]),
                                             self.compute_dtype))
+        if self.config.addition_time_embed_dim:
+            batch = ops.shape(latents)[0]
+            time_embeds = ops.reshape(timestep_embedding(ops.reshape(time_ids, (-1,)),
+                                                         self.config.addition_time_embed_dim), (batch, -1))
+            added = ops.concatenate([ops.cast(text_embeds, "float32"), time_embeds], axis=-1)
+            temb = temb + self.add_embedding(ops.cast(added, self.compute_dtype))
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:

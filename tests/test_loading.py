@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from reference import compvis_state, text_encoder_state
-from stable_diffusion_tf import CheckpointError, StableDiffusion, UnsupportedModelError
+from stable_diffusion_tf import CheckpointError, StableDiffusion
 from stable_diffusion_tf.weights import names
 
 CONV_IN = names.UNET_PREFIX + "input_blocks.0.0.weight"
@@ -89,9 +89,9 @@ def _sdxl(state):
     return {**state, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4)}
 
 
-@pytest.mark.parametrize("change, message", [(_sdxl, "SDXL")])
+@pytest.mark.parametrize("change, message", [(_sdxl, "incomplete SDXL checkpoint")])
 def test_other_families_are_reported_by_name(tmp_path, state, change, message):
-    with pytest.raises(UnsupportedModelError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         StableDiffusion.from_pretrained(write(tmp_path, change(state)))
 
 
@@ -101,7 +101,7 @@ def test_vae_only_file_is_reported(tmp_path, state):
         StableDiffusion.from_pretrained(write(tmp_path, vae))
 
 
-def test_diffusers_folder_of_another_family_is_reported(tmp_path, checkpoints):
+def test_diffusers_folder_missing_a_part_of_its_family_is_reported(tmp_path, checkpoints):
     import json
 
     folder = str(tmp_path / "sdxl")
@@ -111,7 +111,7 @@ def test_diffusers_folder_of_another_family_is_reported(tmp_path, checkpoints):
         config = json.load(f)
     with open(config_path, "w") as f:
         json.dump({**config, "addition_embed_type": "text_time"}, f)
-    with pytest.raises(UnsupportedModelError, match="SDXL"):
+    with pytest.raises(CheckpointError, match="text_encoder_2"):  # SDXL without its second text encoder
         StableDiffusion.from_pretrained(folder)
 
 
@@ -176,3 +176,59 @@ def test_networks_built_without_a_checkpoint_start_random_not_zero(checkpoints):
     context = pipe.encode_prompt([""])
     out = np.asarray(fresh.unet(latents, np.array([10.0], np.float32), context))
     assert np.isfinite(out).all() and np.abs(out).max() > 0
+
+
+@pytest.fixture(scope="module")
+def other_vae():
+    """A VAE with other random weights, as a user's separate VAE file would be."""
+    import diffusers
+
+    from reference import VAE_KW, randomize
+
+    return randomize(diffusers.AutoencoderKL(**VAE_KW), 77)
+
+
+def _save_vae(vae, tmp_path, layout: str) -> str:
+    """The VAE as `vae-ft-mse-840000-ema-pruned.safetensors` (original layout, bare or prefixed), a diffusers file,
+    or a diffusers folder."""
+    from stable_diffusion_tf.config import VAEConfig
+
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    if layout == "diffusers-folder":
+        vae.save_pretrained(str(tmp_path / "vae"))
+        return str(tmp_path / "vae")
+    if layout.startswith("original"):
+        config = VAEConfig.from_diffusers(dict(vae.config))
+        prefix = names.VAE_PREFIX if layout == "original-prefixed" else ""
+        state = {prefix + names.vae_compvis(k, config).removeprefix(names.VAE_PREFIX):
+                 v[:, :, None, None] if ".mid_block.attentions.0." in k and v.ndim == 2 else v
+                 for k, v in state.items()}
+    path = str(tmp_path / "vae.safetensors")
+    save_file(state, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["original", "original-prefixed", "diffusers-file", "diffusers-folder"])
+def test_a_separate_vae_in_every_layout(checkpoints, other_vae, tmp_path, layout):
+    from reference import to_nchw
+
+    pipe = StableDiffusion.from_pretrained(checkpoints["safetensors"], vae=_save_vae(other_vae, tmp_path, layout))
+    latents = np.random.default_rng(2).standard_normal((1, 4, 6, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = other_vae.decode(to_nchw(latents) / 0.18215).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(pipe.decode_latents(latents), np.clip(ref / 2 + 0.5, 0, 1), atol=1e-4, rtol=0)
+    image = pipe.text_to_image("a cat", height=32, width=48, num_inference_steps=2, seed=1, output_type="np").images
+    assert image.shape == (1, 32, 48, 3)
+
+
+def test_a_separate_vae_of_another_shape_or_kind_is_refused(checkpoints, tmp_path):
+    import diffusers
+
+    from reference import VAE_KW
+
+    narrow = diffusers.AutoencoderKL(**{**VAE_KW, "block_out_channels": (32, 32, 64, 32)})
+    with pytest.raises(CheckpointError, match=r"tensor encoder\.down_blocks\.3\.\S+ has shape \(32, "):
+        StableDiffusion.from_pretrained(checkpoints["safetensors"], vae=_save_vae(narrow, tmp_path, "diffusers-file"))
+    save_file({"foo.weight": torch.ones(2)}, str(tmp_path / "not-a-vae.safetensors"))
+    with pytest.raises(CheckpointError, match="not a VAE"):
+        StableDiffusion.from_pretrained(checkpoints["safetensors"], vae=str(tmp_path / "not-a-vae.safetensors"))

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from reference import (CLIP2_KW, SCHEDULER2, UNET2_KW, assert_unet_matches, build_reference_sd2, compvis_state_sd2,
                        reference_tokenizer_sd2, save_all_sd2, to_nchw)
-from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, UnsupportedModelError, cli
+from stable_diffusion_tf import CheckpointError, InputError, StableDiffusion, cli
 from stable_diffusion_tf.config import SD2
 from stable_diffusion_tf.fast import attention
 from stable_diffusion_tf.weights import names
@@ -222,11 +222,11 @@ def test_open_clip_tensors_are_checked_by_name(reference_sd2, tmp_path, change, 
         StableDiffusion.from_pretrained(path)
 
 
-def test_unloadable_family_error_lists_what_loads(tmp_path, reference_sd2):
+def test_mixed_family_file_is_named_and_refused(tmp_path, reference_sd2):
     state = {**compvis_state_sd2(*reference_sd2), "conditioner.embedders.0.transformer.text_model.x": torch.ones(1)}
     path = str(tmp_path / "sdxl.safetensors")
     save_file(state, path)
-    with pytest.raises(UnsupportedModelError, match="SDXL checkpoint; this version loads .*Stable Diffusion 2.x"):
+    with pytest.raises(CheckpointError, match="incomplete SDXL checkpoint"):
         StableDiffusion.from_pretrained(path)
 
 
