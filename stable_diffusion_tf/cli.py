@@ -22,6 +22,7 @@ import warnings
 
 # numpy and PIL only, all of them: TensorFlow is imported after the flags are checked
 from .checks import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+from .config import REFINER_SWITCH
 from .embeddings import SUFFIXES as EMBEDDING_SUFFIXES, embedding_name
 from .errors import DownloadError, InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import DEMO, demo_path, looks_like_repo_id, resolve
@@ -61,14 +62,16 @@ def _int_in(low: int, high: int, multiple: int = 1):
     return parse
 
 
-def _float_in(low: float, high: float = math.inf):
+def _float_in(low: float, high: float = math.inf, above: bool = False):
+    """A parser of numbers in [low, high], or (low, high] when `above`."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or not low <= value <= high:
+        if not math.isfinite(value) or not low <= value <= high or above and value == low:
             what = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            what = f"above {low:g} and at most {high:g}" if above else what
             raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
         return value
 
@@ -98,8 +101,9 @@ def build_parser(mode: str = "text2image") -> argparse.ArgumentParser:
                             "v-models, else 512)")
         p.add_argument("--refiner", default=None, metavar="WEIGHTS",
                        help="a model (the SDXL refiner: a file, folder or Hub repo id) that takes over the last steps")
-        p.add_argument("--refiner-switch", type=_float_in(0, 1), default=0.8, metavar="FRACTION",
-                       help="where the refiner takes over, as diffusers' denoising_end (default: 0.8)")
+        p.add_argument("--refiner-switch", type=_float_in(0, 1, above=True), default=REFINER_SWITCH,
+                       metavar="FRACTION", help="where the refiner takes over, as diffusers' denoising_end "
+                                                f"(default: {REFINER_SWITCH})")
     else:
         p.add_argument("--init-image", "--image", dest="image", required=True, metavar="PATH",
                        help="the starting image (PNG, JPEG, WebP, BMP, GIF or TIFF); the output has its size, "
@@ -237,7 +241,10 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
         if getattr(args, "refiner", None):
             refiner_source = resolve(os.path.expanduser(args.refiner))
             say(f"loading the refiner from {refiner_source}")
-            refiner = StableDiffusion.from_pretrained(refiner_source, precision=pipe.precision, jit_compile=args.jit)
+            refiner = StableDiffusion.from_pretrained(refiner_source, precision=pipe.precision, jit_compile=args.jit,
+                                                      vae=os.path.expanduser(args.vae) if args.vae else None)
+            for path in args.embedding:  # an SDXL embedding's clip_g vectors serve the refiner's bigG
+                refiner.load_embedding(path)
         for path in args.embedding:
             pipe.load_embedding(path)
         for name, path in args.loras.items():
@@ -271,7 +278,7 @@ def _generate(args: argparse.Namespace, paths: list[str]) -> int:
 def _recipe_flags(argv: list[str], mode: str) -> list[str]:
     """The flags a --from-png file's AUTOMATIC1111 recipe stands for (none without --from-png): prompt (with its
     <lora:...> tags), negative prompt, steps, sampler, CFG scale, seed, size (text2image), clip skip, denoising
-    strength, mask blur."""
+    strength, mask blur, refiner switch (the refiner's file is given with --refiner)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from-png", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -304,6 +311,11 @@ def _recipe_flags(argv: list[str], mode: str) -> list[str]:
     if mode == "text2image" and "Size" in settings:
         width, _, height = settings["Size"].partition("x")
         flags += [f"--W={width}", f"--H={height}"]
+    if mode == "text2image" and "Refiner" in settings:
+        if "--refiner" not in argv:  # a model is named, not a file: the user says which file it is
+            raise InputError(f"argument --from-png: {known.from_png!r} was refined by {settings['Refiner']!r}: pass "
+                             "--refiner FILE to use that model (the switch point is read from the recipe)")
+        flags += [f"--refiner-switch={settings['Refiner switch at']}"] if "Refiner switch at" in settings else []
     return flags
 
 

@@ -151,6 +151,33 @@ class ModelConfig:
         """The text encoders' configs, in the order their outputs are concatenated."""
         return [c for c in (self.text_encoder, self.text_encoder_2) if c is not None]
 
+    @property
+    def time_ids(self) -> int:
+        """How many time ids SDXL's added conditioning takes: 6 (original size, crop, target size), or 5 for the
+        refiner (an aesthetic score in place of the target size); 0 without it."""
+        return time_id_count(self.family)
+
+    def check(self) -> None:
+        """ValueError unless the parts fit together: the text encoders' widths make the UNet's context, and SDXL's
+        added conditioning is the pooled vector and the time ids."""
+        width = sum(c.hidden_size for c in self.encoder_configs)
+        if width != self.unet.cross_attention_dim:
+            raise ValueError(f"the text encoders give {width}-wide context, the UNet takes "
+                             f"{self.unet.cross_attention_dim}")
+        added = (self.text_encoder_2.projection_dim or 0) + self.time_ids * self.unet.addition_time_embed_dim \
+            if self.xl else 0
+        if added != self.unet.addition_input_dim:
+            raise ValueError(f"the UNet's added conditioning takes {self.unet.addition_input_dim} inputs, the model "
+                             f"gives {added}")
+
+
+def time_id_count(family: str) -> int:
+    """SDXL's time ids per image by family (see `ModelConfig.time_ids`)."""
+    return 5 if family == "sdxl-refiner" else 6 if family.startswith("sdxl") else 0
+
+
+REFINER_SWITCH = 0.8  # where a refiner takes over by default (diffusers' docs, A1111's default)
+
 
 SD1 = ModelConfig("sd1", CLIPConfig(), UNetConfig(), VAEConfig())
 # SD 2.x: OpenCLIP ViT-H/14 text tower without its last layer (SD 2.x reads the penultimate one), head dim 64

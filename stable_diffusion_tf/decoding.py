@@ -31,11 +31,18 @@ class ImageDecoder:
         latents = np.asarray(latents, dtype=np.float32) / np.float32(self.scaling_factor)
         tiled = max(latents.shape[1:3]) > TILED_ABOVE if tiled is None else tiled
         images = self._decode(self.vae, latents, tiled)
-        if self.vae.compute_dtype != "float32" and self._make_float32 is not None and not np.isfinite(images).all():
-            if self._vae32 is None:
-                self._vae32 = self._make_float32()
+        if not np.isfinite(images).all() and self.float32_vae() is not None:
             images = self._decode(self._vae32, latents, tiled)
         return np.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    def float32_vae(self) -> AutoencoderKL | None:
+        """The float32 copy of a reduced-precision VAE, made on first need (also for encodes that overflow, as SDXL's
+        VAE does in float16); None for a float32 VAE or without a maker."""
+        if self.vae.compute_dtype == "float32" or self._make_float32 is None:
+            return None
+        if self._vae32 is None:
+            self._vae32 = self._make_float32()
+        return self._vae32
 
     def _decode(self, vae: AutoencoderKL, latents: np.ndarray, tiled: bool) -> np.ndarray:
         if id(vae) not in self._steps:  # XLA is not offered: on CPU it runs the VAE's large convolutions slower

@@ -19,7 +19,7 @@ def rowwise(f, *conditionings):
 
 def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float,
                   prediction_type: str = "epsilon", extra_channels: np.ndarray | None = None,
-                  weights: np.ndarray | None = None):
+                  weights: np.ndarray | None = None, first_call: int = 0):
     """D(x, sigma, t) -> x0 for latents x = x0 + sigma * eps (Karras et al. 2022, Sec. 2 / k-diffusion).
 
     The UNet sees x / sqrt(1 + sigma**2) (the VP latent, diffusers' `scale_model_input`) at timestep t.
@@ -33,7 +33,9 @@ def make_denoiser(unet: EpsFn, cond: np.ndarray, uncond: np.ndarray | None, guid
     them; without guidance, out = sum_k w_k out_c_k.
     """
     k = 1 if weights is None else weights.shape[1]
-    calls = [0]  # model calls so far: scheduled prompts change their conditioning by it, as A1111 does
+    # model calls so far: scheduled prompts change their conditioning by it, as A1111 does (a refiner goes on counting
+    # from the base's `first_call`)
+    calls = [first_call]
 
     def context_at(call: int) -> np.ndarray:
         c = cond(call) if callable(cond) else cond

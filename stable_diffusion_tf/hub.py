@@ -12,8 +12,9 @@ from .errors import CheckpointError, DownloadError
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
 # What a diffusers-layout repo needs; the tokenizer ships with this package.
-FOLDER_PATTERNS = ["*/config.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.safetensors",
-                   "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+FOLDER_PATTERNS = ["*/config.json", "model_index.json", "scheduler/scheduler_config.json",
+                   "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]  # the last: SDXL's
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEMO = "demo"  # the name of the small model shipped in this package (trained by `sd-train`, see the README)
 DEMO_PATH = os.path.join(os.path.dirname(__file__), "data", "demo.safetensors")

@@ -1,41 +1,41 @@
 """StableDiffusion: the loaded networks, the public steps (encode the prompt, predict noise, decode), and the
-three generation modes as short functions over those steps."""
+three generation modes as short functions over those steps. Prompts -> conditioning is `conditioning.py`, LoRA
+merging `merging.py`: parts of the same class."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import warnings
 from typing import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from . import checks, precision as precisions
-from .config import END_TOKEN_ID, OPEN_CLIP_PAD_TOKEN_ID, ModelConfig
+from .conditioning import TextConditioning, subprompts
+from .config import REFINER_SWITCH, ModelConfig
 from .decoding import ImageDecoder
 from .denoiser import make_denoiser, rowwise
 from .errors import CheckpointError, InputError, StableDiffusionError, StableDiffusionWarning
-from .embeddings import XL_KEYS, embedding_name, read_embedding
 from .hub import resolve
-from .lora import LoraFile, LoraTag, lora_name, lora_tags, read_lora, target_names
-from .prompts import chunk_prompt, prompt_schedule, split_and
+from .lora import LoraFile
+from .merging import LoraMerging
+from .prompts import prompt_schedule
 from .images import load_image, load_image_and_mask
 from .recipe import infotext, model_hash, model_name, with_recipe
 from .samplers import add_noise, initial_latent, inpaint_blend, sample
 from .schedules import PREDICTION_TYPES, Schedule, SchedulerConfig, make_schedule
 from .tokenizer import CLIPTokenizer
 from .vae import AutoencoderKL
-from .weights.assign import leaf_layers, torch_shape
 from .weights.load import Models, load, load_vae
-from .weights.names import UNET_PREFIX, unet_compvis
 
 Callback = Callable[[int, int, np.ndarray], None]
-AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's time ids (diffusers' defaults)
+# samplers whose walk cannot stop at a grid step and go on in another model: plms restarts one step back, heun's
+# last step of the base would evaluate its correction below the switch (diffusers splits its two calls there)
+NO_HAND_OFF = ("plms", "heun")
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ class _Job:
         return given
 
 
-class StableDiffusion:
+class StableDiffusion(TextConditioning, LoraMerging):
     """Text encoder, UNet and VAE of one Stable Diffusion model (Rombach et al. 2022) plus the tokenizer."""
 
     def __init__(self, models: Models, tokenizer: CLIPTokenizer | None = None, precision: str = "float32",
@@ -162,202 +162,21 @@ class StableDiffusion:
         """Swaps in the VAE of another file or folder, as people do (`vae-ft-mse-840000` for SD 1.5, the fp16-fix
         VAE for SDXL): a diffusers VAE folder or file, an original-layout VAE file, or a whole model's VAE
         (`weights.load.load_vae`). It must have this model's architecture; the scaling factor stays the model's."""
-        source = os.fspath(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise InputError(f"vae must be a path, got {type(source).__name__}")
+        source = os.path.expanduser(os.fspath(source))
         if not os.path.exists(source):
-            raise InputError(f"VAE {source}: no such file or folder")
+            raise CheckpointError(f"VAE {source}: no such file or folder")
         self._set_vae(load_vae(source, self.config.vae, precisions.WEIGHT_DTYPES[self.precision]), source)
 
     def _set_vae(self, vae: AutoencoderKL, source: str | None) -> None:
         """The VAE and its compiled encode and decode (a new VAE needs new ones: a trace holds its variables)."""
         self.vae, self.vae_source = vae, source
+        self._vae_fields: tuple[str, ...] | None = None  # the recipe's VAE fields, when it is a VAE of its own
         self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in vae.encode(x)])
         self._decoder = ImageDecoder(vae, self.config.vae.scaling_factor, self._float32_vae)
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
-
-    def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1, chunks: int = 1) -> np.ndarray:
-        """Prompts in AUTOMATIC1111's syntax -> the weighted text conditioning (B, 77 * k, width); for SDXL the pair
-        (context, pooled): both text encoders' penultimate layers side by side, and bigG's projected pooled output of
-        the first chunk (B, projection_dim), as diffusers' encode_prompt and A1111 compute them.
-
-        `(x)`, `[x]` and `(x:w)` weight the encoder output of their tokens, then the mean over the batch is put
-        back (A1111's "Original" emphasis; see `prompts.py`). Each weighted fragment is tokenized on its own;
-        prompts longer than 75 tokens, and BREAK, make more 77-token chunks, each encoded on its own and
-        concatenated. k is the largest chunk count of the batch and at least `chunks`: shorter prompts get empty
-        chunks. `clip_skip` N > 1 reads the N-th last layer through the final layer norm (A1111's numbering:
-        1 is the last layer). `<lora:name:weight>` tags are taken out of the text and their LoRAs applied
-        (exactly the first prompt's, see `load_lora`), so the conditioning is the LoRA'd text encoder's.
-        """
-        prompts, _ = checks.prompt_lists(prompts, None, 1)
-        texts, tags = self._prompt_loras(prompts)
-        self.apply_loras(tags)
-        return self._encode_texts(texts, clip_skip, chunks, [[i] for i in range(len(texts))])
-
-    def _encode_texts(self, prompts: list[str], clip_skip: int, chunks: int, groups: list[list[int]]) -> np.ndarray:
-        """`encode_prompt`, with the mean restored over each group of rows: each prompt alone, as A1111 encodes
-        each prompt on its own; the texts of one prompt's schedule together, as A1111 encodes them."""
-        self._check_clip_skip(clip_skip)
-        chunked = [self._chunks(p) for p in prompts]
-        count = max(chunks, *(len(c.ids) for c in chunked))
-        if count > checks.MAX_CHUNKS:
-            raise InputError(f"prompt too long: {count} chunks of 75 tokens, at most {checks.MAX_CHUNKS}")
-        empty = self._chunks("")
-        ids = np.array([c.ids + empty.ids * (count - len(c.ids)) for c in chunked], np.int32)
-        weights = np.array([c.weights + empty.weights * (count - len(c.ids)) for c in chunked], np.float32)
-        fixes = [c.fixes + empty.fixes * (count - len(c.ids)) for c in chunked]
-        out, pooled = [], None
-        for j in range(count):
-            parts = []
-            for index, (encoder, pad) in enumerate(self._encoders()):
-                z, pool = self._encode_text(_padded(ids[:, j], pad), clip_skip, [f[j] for f in fixes], encoder,
-                                            index)
-                pooled = pool if j == 0 else pooled  # SDXL's pooled vector: the first chunk's (A1111)
-                w = weights[:, j, :, None]
-                for rows in groups:  # each encoder's own mean (A1111), in float64: the ratio is ill-conditioned
-                    if np.any(w[rows] != 1):  # when it is near 0
-                        mean = z[rows].mean(dtype=np.float64)
-                        weighted = z[rows] * w[rows]
-                        z[rows] = weighted * np.float32(mean / weighted.mean(dtype=np.float64))
-                parts.append(z)
-            out.append(np.concatenate(parts, axis=-1))
-        context = np.concatenate(out, axis=1)
-        return (context, pooled) if self.config.xl else context
-
-    def _encoders(self) -> list[tuple]:
-        """(text encoder, pad token id) in the order their outputs are concatenated; SDXL's bigG pads with 0."""
-        encoders = [(self.text_encoder, self.config.pad_token_id)] if self.text_encoder is not None else []
-        if self.text_encoder_2 is not None:
-            encoders.append((self.text_encoder_2, OPEN_CLIP_PAD_TOKEN_ID))
-        return encoders
-
-    def _check_clip_skip(self, clip_skip) -> None:
-        """Clip skip N within every text encoder's depth (SDXL already reads the penultimate layer at N = 1)."""
-        deepest = min(c.num_hidden_layers for c in self.config.encoder_configs) - (1 if self.config.xl else 0)
-        checks.check_clip_skip(clip_skip, deepest)
-
-    def chunk_count(self, prompt: str) -> int:
-        """How many 77-token chunks `prompt` takes (see `encode_prompt`)."""
-        return len(self._chunks(prompt).ids)
-
-    def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Registers a textual-inversion embedding (see `embeddings.py`) under `name` (default: the file's stem);
-        prompts and negative prompts use it by that name. Returns the name."""
-        widths = tuple(c.hidden_size for c in self.config.encoder_configs)
-        xl_keys = XL_KEYS[-len(widths):] if self.config.xl else ()  # the refiner reads clip_g alone
-        vectors = read_embedding(path, widths, xl_keys)
-        name = embedding_name(path) if name is None else name
-        if not isinstance(name, str) or not self.tokenizer.encode(name):
-            raise InputError(f"embedding name {name!r} has no tokens; give it a name made of letters or digits")
-        self.embeddings[name] = vectors
-        self._embedding_hashes[name] = model_hash(path, 12)
-        return name
-
-    def load_lora(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Registers a LoRA file (kohya/A1111, LoCon, LoHa, LoKr or diffusers/PEFT; see `lora.py`) under `name`
-        (default: the file's stem) and returns the name. Every key and shape is checked against this model here.
-
-        Prompts use it as AUTOMATIC1111 does: `<lora:name:weight>` (or `<lora:name:te_weight:unet_weight>`) in the
-        prompt adds weight x alpha/rank x the file's update to the layers it names, merged into the weights
-        before the generation (no cost per step). The first prompt's tags count for the whole batch, as in A1111;
-        a generation without tags runs on the base weights, which are put back bit for bit. Several LoRAs may be
-        used at once; changing them or their weights between generations reads no file again.
-        """
-        layers = self._lora_targets()
-        unet = [layer for part, layer in layers if part == "unet"]
-        text, text_2 = ([layer for part, layer in layers if part == name]
-                        for name in ("text_encoder", "text_encoder_2"))
-        compvis = (lambda layer: unet_compvis(f"{layer}.weight", self.config.unet)
-                   .removeprefix(UNET_PREFIX).removesuffix(".weight"))
-        shapes = {key: torch_shape(leaf, "weight", leaf.kernel.shape) for key, leaf in layers.items()}
-        lora = read_lora(path, target_names(unet, text, compvis, text_2, self.config.xl), shapes, self.config.family)
-        name = lora_name(path) if name is None else name
-        if not isinstance(name, str) or not re.fullmatch(r"[^<>:]+", name) or name != name.strip():
-            raise InputError(f"LoRA name {name!r} cannot be written in a <lora:name:weight> tag; give another name")
-        self.loras[name] = lora
-        if any(active[0] == name for active in self._active_loras or ()):
-            self._active_loras = None  # the same name, another file: apply again
-        return name
-
-    def _lora_targets(self) -> dict:
-        if self._lora_layers is None:
-            networks = (("unet", self.unet), ("text_encoder", self.text_encoder),
-                        ("text_encoder_2", self.text_encoder_2))
-            self._lora_layers = {(part, name): leaf for part, network in networks if network is not None
-                                 for name, leaf in leaf_layers(network).items()
-                                 if isinstance(leaf, (keras.layers.Dense, keras.layers.Conv2D))}
-        return self._lora_layers
-
-    def _prompt_loras(self, prompts: list[str]) -> tuple[list[str], list[LoraTag]]:
-        """The prompts without their extra-network tags, and the LoRA tags of the first (A1111's rule)."""
-        stripped = [lora_tags(p) for p in prompts]
-        return [text for text, _ in stripped], stripped[0][1]
-
-    def apply_loras(self, tags: list[LoraTag]) -> None:
-        """Merges exactly these LoRAs (registered by `load_lora`) into the weights, putting back the base weights of
-        layers no longer changed; nothing happens when they are already applied. `apply_loras([])` restores the
-        base model bit for bit."""
-        wanted = tuple((t.name, t.te, t.unet) for t in tags)
-        if wanted == self._active_loras:
-            return
-        for tag in tags:
-            if tag.name not in self.loras:
-                raise InputError(f"<lora:{tag.name}>: no LoRA named {tag.name!r} is loaded (pipe.load_lora(path), "
-                                 f"or --lora / --lora-dir on the command line)")
-        layers = self._lora_targets()
-        totals: dict[tuple[str, str], tf.Tensor] = {}
-        for tag in tags:
-            for module in self.loras[tag.name].modules:
-                weight = tag.unet if module.part == "unet" else tag.te
-                if weight == 0:
-                    continue
-                key = (module.part, module.layer)
-                delta = _keras_delta(module, layers[key], weight)
-                totals[key] = totals[key] + delta if key in totals else delta
-        self._active_loras = None  # until every layer is done
-        for key in [k for k in self._lora_backups if k not in totals]:
-            layers[key].kernel.assign(self._lora_backups.pop(key))
-        for key, delta in totals.items():
-            kernel = layers[key].kernel
-            if key not in self._lora_backups:  # a copy of the base kernel, not a view of the variable's buffer
-                self._lora_backups[key] = tf.raw_ops.DeepCopy(x=kernel.value)
-            base = tf.cast(self._lora_backups[key], "float32")
-            kernel.assign(tf.cast(base + delta, kernel.dtype))
-        self._active_loras = wanted
-
-    def _chunks(self, prompt: str):
-        t = self.tokenizer
-        embeddings = {tuple(t.encode(name)): (name, len(v[0])) for name, v in self.embeddings.items()}
-        return chunk_prompt(prompt, t.encode, t.bos_token_id, t.eos_token_id, self._comma_id,
-                            length=t.max_length - 2, embeddings=embeddings)
-
-    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None, encoder=None, index: int = 0):
-        """Token ids (B, 77) -> (the text encoder's last hidden state, or with clip skip N the N-th last layer's
-        output through the final layer norm; None), float32. SDXL's encoders give their (N+1)-th last layer without
-        the norm (diffusers' hidden_states[-(clip_skip + 2)] for its clip_skip N - 1), and bigG its projected pooled
-        output in place of None. `fixes[b]` lists (position, embedding name) of row b; `index` says which of the
-        model's text encoders `encoder` is (which of an embedding's vectors it reads)."""
-        encoder = encoder or self.text_encoder
-        numpy = lambda t: np.asarray(ops.convert_to_numpy(t), dtype=np.float32)  # noqa: E731
-        replacements = None
-        if fixes and any(fixes):
-            mask = np.zeros((*ids.shape, 1), bool)
-            vectors = np.zeros((*ids.shape, encoder.config.hidden_size), np.float32)
-            for row, row_fixes in enumerate(fixes):
-                for position, name in row_fixes:
-                    v = self.embeddings[name][index]
-                    mask[row, position:position + len(v)] = True
-                    vectors[row, position:position + len(v)] = v
-            replacements = (mask, vectors)
-        if self.config.xl:
-            last, hidden = encoder(ids, output_hidden_states=True, replacements=replacements)
-            pooled = numpy(encoder.pooled(last, ids)) if encoder.config.projection_dim else None
-            return numpy(hidden[-(clip_skip + 1)]), pooled
-        if clip_skip == 1:
-            z = encoder(ids, replacements=replacements)
-        else:
-            _, hidden = encoder(ids, output_hidden_states=True, replacements=replacements)
-            z = encoder.final_layer_norm(hidden[-clip_skip])
-        return numpy(z), None
 
     def predict_noise(self, latents, timesteps, context, text_embeds=None, time_ids=None) -> np.ndarray:
         """UNet output (epsilon, or v for v-prediction models) for latents (B, h, w, C), timesteps (int or (B,))
@@ -365,6 +184,8 @@ class StableDiffusion:
         SDXL also takes the pooled text embedding (B, P) and the time ids (B, 6), or (B, 5) for the refiner;
         `context` may be the tuple (context, text_embeds, time_ids) the samplers' conditioning is."""
         if isinstance(context, tuple):
+            if len(context) != 3:
+                raise InputError("a tuple context must be (context, text_embeds, time_ids)")
             context, text_embeds, time_ids = context
         latents = np.asarray(latents, dtype=np.float32)
         timesteps = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.float32), (latents.shape[0],)))
@@ -382,9 +203,8 @@ class StableDiffusion:
         context = np.zeros((batch, self.tokenizer.max_length, self.config.unet.cross_attention_dim), np.float32)
         added = []
         if self.config.xl:  # the pooled text and the time ids
-            unet, pooled = self.config.unet, self.config.text_encoder_2.projection_dim
-            ids = (unet.addition_input_dim - pooled) // unet.addition_time_embed_dim
-            added = [np.zeros((batch, pooled), np.float32), np.zeros((batch, ids), np.float32)]
+            added = [np.zeros((batch, self.config.text_encoder_2.projection_dim), np.float32),
+                     np.zeros((batch, self.config.time_ids), np.float32)]
         self._unet_step.get_concrete_function(latents, np.zeros((batch,), np.float32), context, *added)
 
     def decode_latents(self, latents, tiled: bool | None = None) -> np.ndarray:
@@ -398,9 +218,14 @@ class StableDiffusion:
         return mean * np.float32(self.config.vae.scaling_factor)
 
     def _encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images (B, H, W, 3) in [-1, 1] -> the VAE posterior's mean and log-variance, float32."""
-        mean, logvar = self._encode_step(np.asarray(images, dtype=np.float32))
-        return mean.numpy(), logvar.numpy()
+        """Images (B, H, W, 3) in [-1, 1] -> the VAE posterior's mean and log-variance, float32; an encode that
+        overflows in reduced precision is redone in float32 (diffusers upcasts SDXL's VAE for it)."""
+        images = np.asarray(images, dtype=np.float32)
+        mean, logvar = (t.numpy() for t in self._encode_step(images))
+        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()) and self._decoder.float32_vae() is not None:
+            mean, logvar = (ops.convert_to_numpy(ops.cast(t, "float32"))
+                            for t in self._decoder.float32_vae().encode(images))
+        return mean, logvar
 
     def _posterior_sample(self, images: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """Images (1, H, W, 3) in [-1, 1] -> (mean + std * eps) * scaling factor for eps (B, H/8, W/8, C):
@@ -437,7 +262,7 @@ class StableDiffusion:
                       batch_size: int = 1, latents=None, output_type: str = "pil",
                       callback: Callback | None = None, clip_skip: int = 1,
                       refiner: "StableDiffusion | str | os.PathLike | None" = None,
-                      refiner_switch: float = 0.8) -> GenerationResult:
+                      refiner_switch: float = REFINER_SWITCH) -> GenerationResult:
         """Generates images from text (Rombach et al. 2022), matching diffusers' StableDiffusionPipeline (and
         StableDiffusionXLPipeline for SDXL models).
 
@@ -446,14 +271,14 @@ class StableDiffusion:
         `refiner` (a pipeline, or a path to load one in this precision) takes over the denoising at
         `refiner_switch`, the ensemble of experts diffusers runs with `denoising_end` on this model and
         `denoising_start` on the refiner: the steps whose timestep is below (1 - switch) x 1000 are the refiner's,
-        which also decodes.
+        which also decodes (with its own VAE, as diffusers). Scheduled prompts go on counting in the refiner.
         """
         self._check_regular_unet()
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         extra = ()
         if refiner is not None:
-            refiner = self._refiner(refiner, refiner_switch)
+            refiner = self._refiner(refiner, refiner_switch, sampler)
             extra = (f"Refiner: {model_name(refiner.source) if refiner.source else 'unnamed'}"
                      + (f" [{refiner.model_hash}]" if refiner.source else ""), f"Refiner switch at: {refiner_switch:g}")
         job = self._job(prompt, negative_prompt, batch_size, seed, height, width, num_inference_steps,
@@ -472,18 +297,26 @@ class StableDiffusion:
                        callback=on(0), end_index=switch)
         if switch == n:
             return self._finish(job, x, output_type)
-        x0 = sample(sampler, refiner._denoiser(job, guidance_scale), x, job.schedule, noise=job.draw,
-                    callback=on(switch), start_index=switch)
+        # one model call per step (see `_refiner`): the refiner's first call is the base's `switch`-th
+        x0 = sample(sampler, refiner._denoiser(job, guidance_scale, first_call=switch), x, job.schedule,
+                    noise=job.draw, callback=on(switch), start_index=switch)
         return self._finish(job, x0, output_type, decoder=refiner)
 
-    def _refiner(self, refiner, switch) -> "StableDiffusion":
-        """The refiner pipeline, loaded if given as a path, checked against this model."""
+    def _refiner(self, refiner, switch, sampler: str) -> "StableDiffusion":
+        """The refiner pipeline, loaded if given as a path, checked against this model and the sampler."""
         if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch <= 1:
             raise InputError(f"refiner_switch must be a number in (0, 1], got {switch!r}")
+        if sampler in NO_HAND_OFF:
+            raise InputError(f"the {sampler} sampler cannot hand its latents to a refiner; use another "
+                             f"(not {', '.join(NO_HAND_OFF)})")
         if not isinstance(refiner, StableDiffusion):
+            if not isinstance(refiner, (str, os.PathLike)):
+                raise InputError(f"refiner must be a StableDiffusion pipeline or a path, got {type(refiner).__name__}")
             refiner = StableDiffusion.from_pretrained(refiner, precision=self.precision)
-        if refiner.config.vae.latent_channels != self.config.vae.latent_channels:
-            raise InputError("the refiner's latents do not match this model's")
+        mine, theirs = self.config.vae, refiner.config.vae
+        if (mine.latent_channels, mine.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor):
+            raise InputError(f"the refiner ({refiner.config.family}) works in other latents than this model "
+                             f"({self.config.family}): their VAEs differ")
         refiner._check_regular_unet()
         return refiner
 
@@ -583,9 +416,9 @@ class StableDiffusion:
         settings = dict(steps=steps, sampler=sampler, scale=guidance_scale, size=(width, height), extra=extra)
         return _Job(prompts, negatives, seeds, noise_generators(seeds), shape, schedule, settings, clip_skip, texts)
 
-    def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None):
+    def _denoiser(self, job: _Job, guidance_scale: float, extra_channels=None, first_call: int = 0):
         guided = guidance_scale > 1.0  # diffusers: CFG only above 1
-        prompts, weights = _subprompts(job.texts)
+        prompts, weights = subprompts(job.texts)
         texts = prompts + (job.negatives if guided else [])
         steps = job.settings["steps"]
         schedules = [prompt_schedule(t, steps) for t in texts]
@@ -604,44 +437,7 @@ class StableDiffusion:
         if self.config.xl:
             cond, uncond = self._added_conditioning(job, cond, uncond)
         return make_denoiser(self.predict_noise, cond, uncond, guidance_scale,
-                             self.scheduler_config.prediction_type, extra_channels, weights)
-
-    def _added_conditioning(self, job: _Job, cond, uncond):
-        """SDXL: (context, pooled) -> (context, pooled, time ids), the negative zeroed when empty (see
-        `force_zeros_for_empty_prompt`). Time ids as diffusers' defaults: original size = target size = the image's,
-        crop (0, 0); the refiner has an aesthetic score in place of the target size, 6 for the prompt and 2.5 for
-        the negative prompt."""
-        width, height = job.settings["size"]
-        refiner = self.config.family == "sdxl-refiner"
-        ids = lambda score: [height, width, 0, 0, score] if refiner else [height, width, 0, 0, height, width]  # noqa
-        zeros = self.force_zeros_for_empty_prompt and all(n == "" for n in job.negatives)
-
-        def added(conditioning, score, zero):
-            def add(c):
-                context, pooled = (np.zeros_like(c[0]), np.zeros_like(c[1])) if zero else c
-                return context, pooled, np.tile(np.float32(ids(score)), (len(context), 1))
-            return (lambda call: add(conditioning(call))) if callable(conditioning) else add(conditioning)
-
-        return (added(cond, AESTHETIC_SCORE, False),
-                added(uncond, NEGATIVE_AESTHETIC_SCORE, zeros) if uncond is not None else None)
-
-    def _scheduled_conditioning(self, schedules, clip_skip: int, chunks: int):
-        """`conditioning(call)`: the rows of every prompt at the denoiser's call `call`, A1111's way: call i uses
-        the first text of its prompt's schedule whose last step is at least i. Each prompt's texts are encoded
-        together, once."""
-        encoded = []
-        for schedule in schedules:
-            texts = [text for _, text in schedule]
-            encoded.append(self._encode_texts(texts, clip_skip, chunks, [list(range(len(texts)))]))
-
-        def conditioning(call: int):
-            rows = []
-            for schedule, z in zip(schedules, encoded):
-                index = next((i for i, (last, _) in enumerate(schedule) if call <= last), len(schedule) - 1)
-                rows.append(rowwise(lambda part: part[index], z))
-            return rowwise(lambda *parts: np.stack(parts), *rows)
-
-        return conditioning
+                             self.scheduler_config.prediction_type, extra_channels, weights, first_call)
 
     def _finish(self, job: _Job, x0: np.ndarray, output_type: str, composite=None,
                 decoder: "StableDiffusion | None" = None) -> GenerationResult:
@@ -670,7 +466,12 @@ class StableDiffusion:
                size: tuple[int, int], extra: tuple[str, ...] = ()) -> str:
         """The AUTOMATIC1111 `parameters` text of one image made by this pipeline (`recipe.infotext`)."""
         model = (self.model_hash, model_name(self.source)) if self.source else None
-        extra = (*extra, f"Precision: {precisions.WEIGHT_DTYPES[self.precision]}")
+        if self._vae_fields is None:  # A1111's, for a VAE of its own: "VAE hash: <10 hex>, VAE: sdxl_vae.safetensors"
+            vae = self.vae_source
+            self._vae_fields = () if vae is None or vae == self.source else (
+                *([f"VAE hash: {model_hash(vae)}"] if os.path.isfile(vae) else []),
+                f"VAE: {os.path.basename(os.path.normpath(vae))}")
+        extra = (*extra, *self._vae_fields, f"Precision: {precisions.WEIGHT_DTYPES[self.precision]}")
         return infotext(prompt, negative_prompt, steps, sampler, scale, seed, size, model, extra)
 
     @property
@@ -679,35 +480,6 @@ class StableDiffusion:
         if self._model_hash is None:
             self._model_hash = model_hash(self.source)
         return self._model_hash
-
-
-def _subprompts(prompts: list[str]) -> tuple[list[str], np.ndarray | None]:
-    """Prompts split on AND (`prompts.split_and`): the subprompts, image-major, and their weights (B, K), where
-    shorter prompts are padded with weight-0 copies of their first subprompt; (prompts, None) without AND or
-    weights."""
-    parts = [split_and(p) for p in prompts]
-    k = max(len(p) for p in parts)
-    if k == 1 and all(w == 1.0 for p in parts for _, w in p):
-        return prompts, None
-    texts, weights = [], np.zeros((len(prompts), k))
-    for row, p in enumerate(parts):
-        p = p + [(p[0][0], 0.0)] * (k - len(p))
-        texts += [text for text, _ in p]
-        weights[row] = [w for _, w in p]
-    return texts, weights
-
-
-def _keras_delta(module, leaf, weight: float) -> tf.Tensor:
-    """weight * a LoRA module's update, float32 in the layout of the layer's Keras kernel. A plain LoRA on a Dense
-    layer is one multi-threaded matmul, down^T @ up^T (in, out); other updates are built in torch's layout."""
-    scale = np.float32(module.scale * weight)
-    t = module.tensors
-    if isinstance(leaf, keras.layers.Dense) and module.kind == "lora" and "lora_mid.weight" not in t:
-        down, up = t["lora_down.weight"], t["lora_up.weight"]
-        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-        return tf.matmul(down, up * scale, transpose_a=True, transpose_b=True)
-    delta = module.delta(torch_shape(leaf, "weight", leaf.kernel.shape)) * np.float32(weight)
-    return tf.constant(delta.T if isinstance(leaf, keras.layers.Dense) else delta.transpose(2, 3, 1, 0))
 
 
 def resolve_precision(precision: str = "auto", warn: bool = True) -> str:
@@ -722,15 +494,6 @@ def resolve_precision(precision: str = "auto", warn: bool = True) -> str:
                           "slower than float32; precision 'auto' picks the fastest", StableDiffusionWarning, 3)
         return policy
     return precisions.auto(bool(tf.config.list_physical_devices("GPU")), precisions.cpu_flags())
-
-
-def _padded(ids: np.ndarray, pad: int) -> np.ndarray:
-    """Token ids with every position after the first end token set to `pad` (as SD 2.x's and SDXL bigG's
-    tokenizers pad), or unchanged when the end token is the pad."""
-    if pad == END_TOKEN_ID:
-        return ids
-    end = ids == END_TOKEN_ID
-    return np.where(np.cumsum(end, axis=-1) - end > 0, pad, ids).astype(np.int32)
 
 
 def _first_step(steps: int, strength: float) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import checks
+from .config import REFINER_SWITCH
 from .errors import InputError, StableDiffusionError
 from .hub import CHECKPOINT_SUFFIXES
 from .lora import SUFFIXES as LORA_SUFFIXES, lora_name, lora_tags
@@ -171,7 +172,7 @@ class Generation:
     mask: Any = None
     mask_blur: int = 4
     refiner: str | None = None  # A1111's refiner_checkpoint: a model title (txt2img)
-    refiner_switch: float = 0.8  # refiner_switch_at
+    refiner_switch: float = REFINER_SWITCH  # refiner_switch_at
     fields: dict = dataclasses.field(default_factory=dict)  # the request as sent, for the answer's `parameters`
 
 
@@ -209,7 +210,7 @@ def read_generation(request: dict, mode: str, clip_skip: int) -> Generation:
         if mode != "txt2img":
             raise InputError("refiner_checkpoint: this server runs a refiner in txt2img only")
         generation.refiner = refiner
-        generation.refiner_switch = _float(request, "refiner_switch_at", 0.8, 0, 1)
+        generation.refiner_switch = _float(request, "refiner_switch_at", REFINER_SWITCH, 0, 1)
         if generation.refiner_switch == 0:
             raise InputError("refiner_switch_at must be above 0")
     if mode == "txt2img":
@@ -330,6 +331,15 @@ class Engine:
             self._refiner = (path, StableDiffusion.from_pretrained(path, precision=self.pipe.precision))
         return self._refiner[1]
 
+    def _refiner_for(self, g: Generation):
+        """The request's refiner with the embeddings its prompts name (an SDXL embedding's clip_g serves it)."""
+        refiner = self._refiner_pipe(g.refiner)
+        text = f"{g.prompt}\n{g.negative_prompt}"
+        for name, path in self.embeddings().items():
+            if name in text and name not in refiner.embeddings:
+                refiner.load_embedding(path, name)
+        return refiner
+
     def loras(self) -> dict[str, str]:
         return {lora_name(p): p for p in find_files(self.lora_dir, LORA_SUFFIXES).values()}
 
@@ -449,7 +459,7 @@ class Engine:
         common = dict(negative_prompt=g.negative_prompt, num_inference_steps=g.steps, guidance_scale=g.cfg_scale,
                       sampler=g.sampler, seed=seed, batch_size=g.batch_size, callback=callback, clip_skip=g.clip_skip)
         if g.mode == "txt2img":
-            refiner = self._refiner_pipe(g.refiner) if g.refiner is not None else None
+            refiner = self._refiner_for(g) if g.refiner is not None else None
             return self.pipe.text_to_image(g.prompt, height=g.height, width=g.width, refiner=refiner,
                                            refiner_switch=g.refiner_switch, **common)
         if g.mode == "img2img":

@@ -179,13 +179,18 @@ def unet9():
     return build_inpainting_unet_xl()
 
 
+@pytest.fixture(scope="module")
+def pipe9(xl, unet9, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("xl9") / "xl9.safetensors")
+    return StableDiffusion.from_pretrained(save_inpainting_xl(path, xl, unet9))
+
+
 @pytest.mark.parametrize("nine, sampler, strength", [(False, "euler", 1.0), (False, "dpm++2m", 0.6),
                                                      (True, "euler", 1.0), (True, "ddim", 0.6)])
-def test_inpaint_matches_diffusers(pipes, xl, unet9, tokenizers, tmp_path, monkeypatch, nine, sampler, strength):
+def test_inpaint_matches_diffusers(pipes, pipe9, xl, unet9, tokenizers, monkeypatch, nine, sampler, strength):
     image, mask = image_and_mask(2)
     models = with_unet(xl, unet9) if nine else xl
-    pipe = StableDiffusion.from_pretrained(save_inpainting_xl(str(tmp_path / "xl9.safetensors"), xl, unet9)) \
-        if nine else pipes["safetensors"]
+    pipe = pipe9 if nine else pipes["safetensors"]
     assert pipe.config.family == ("sdxl-inpainting" if nine else "sdxl")
     ours = pipe.inpaint(PROMPT, image, mask, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=5,
                         sampler=sampler, seed=5, guidance_scale=5.0, keep_unmasked=False, output_type="np").images
@@ -214,17 +219,21 @@ def refiner_files(refiner, tmp_path_factory):
     return save_all_refiner(str(tmp_path_factory.mktemp("refiner")), refiner)
 
 
+@pytest.fixture(scope="module")
+def refiner_pipe(refiner_files):
+    return StableDiffusion.from_pretrained(refiner_files["diffusers"])
+
+
 @pytest.mark.parametrize("layout", ["safetensors", "diffusers"])
-def test_refiner_loads(refiner_files, layout):
-    pipe = StableDiffusion.from_pretrained(refiner_files[layout])
+def test_refiner_loads(refiner_files, refiner_pipe, layout):
+    pipe = StableDiffusion.from_pretrained(refiner_files["safetensors"]) if layout == "safetensors" else refiner_pipe
     assert pipe.config.family == "sdxl-refiner" and pipe.text_encoder is None and pipe.config.unet.depth(1) == 2
     assert pipe.config.unet.addition_time_embed_dim == 8  # (168 - 128) / 5 time ids
     assert pipe.force_zeros_for_empty_prompt is False  # as stable-diffusion-xl-refiner-1.0's model_index.json
 
 
 @pytest.mark.parametrize("sampler, switch", [("euler", 0.8), ("euler", 0.5), ("dpm++2m", 0.7)])
-def test_base_then_refiner_matches_diffusers(pipes, xl, refiner, refiner_files, tokenizers, sampler, switch):
-    refiner_pipe = StableDiffusion.from_pretrained(refiner_files["diffusers"])
+def test_base_then_refiner_matches_diffusers(pipes, xl, refiner, refiner_pipe, tokenizers, sampler, switch):
     latents = np.random.default_rng(6).standard_normal((1, HEIGHT // 8, WIDTH // 8, 4)).astype(np.float32)
     seen = []
     result = pipes["safetensors"].text_to_image(
@@ -407,7 +416,7 @@ def test_folder_model_index_is_read(xl_files, tmp_path):
     assert StableDiffusion.from_pretrained(folder).force_zeros_for_empty_prompt is False
 
 
-def test_text2image_cli_with_refiner_and_vae(xl_files, refiner_files, tmp_path, capsys):
+def test_text2image_cli_with_refiner_and_vae(pipes, xl_files, refiner_files, refiner_pipe, tmp_path, capsys):
     from stable_diffusion_tf import cli
 
     out = tmp_path / "xl.png"
@@ -419,13 +428,19 @@ def test_text2image_cli_with_refiner_and_vae(xl_files, refiner_files, tmp_path, 
     with Image.open(out) as image:
         assert image.size == (WIDTH, HEIGHT)
         recipe = image.text["parameters"]
-    assert "Refiner: tiny-xl-refiner [" in recipe and "Refiner switch at: 0.5" in recipe
-    base = StableDiffusion.from_pretrained(xl_files["safetensors"])
-    refiner = StableDiffusion.from_pretrained(refiner_files["safetensors"])
-    same = base.text_to_image("a red cube", height=HEIGHT, width=WIDTH, num_inference_steps=4, sampler="euler",
-                              seed=3, refiner=refiner, refiner_switch=0.5).images[0]
+    assert "Refiner: tiny-xl-refiner [" in recipe and "Refiner switch at: 0.5" in recipe and ", VAE: vae, " in recipe
+    same = pipes["safetensors"].text_to_image("a red cube", height=HEIGHT, width=WIDTH, num_inference_steps=4,
+                                              sampler="euler", seed=3, refiner=refiner_pipe,
+                                              refiner_switch=0.5).images[0]
     with Image.open(out) as image:  # the folder's VAE is the file's: the same pixels
         np.testing.assert_array_equal(np.asarray(image), np.asarray(same))
+    again = ["--from-png", out, "--weights", xl_files["safetensors"], "--precision", "float32", "--quiet",
+             "--output", tmp_path / "again.png"]
+    capsys.readouterr()
+    assert cli.main(again) == 2 and "pass --refiner FILE" in capsys.readouterr().err
+    assert cli.main(again + ["--refiner", refiner_files["safetensors"]]) == 0  # the switch comes from the recipe
+    with Image.open(out) as first, Image.open(tmp_path / "again.png") as second:
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
     for flag, value in (("--refiner", tmp_path / "missing.safetensors"), ("--vae", tmp_path / "missing")):
         capsys.readouterr()
         bad = flags[:flags.index(flag) + 1] + [value] + flags[flags.index(flag) + 2:]
@@ -491,7 +506,7 @@ def test_kohya_sdxl_lora_gives_diffusers_fused_outputs(xl, xl_files, tokenizers,
     np.testing.assert_array_equal(pipe.encode_prompt(PROMPT)[0], base_context)  # the base weights, bit for bit
 
 
-def test_a1111_api_runs_the_refiner(xl_files, refiner_files, tmp_path):
+def test_a1111_api_runs_the_refiner(xl_files, refiner_files, refiner_pipe, tmp_path):
     import base64
     import io
 
@@ -509,9 +524,8 @@ def test_a1111_api_runs_the_refiner(xl_files, refiner_files, tmp_path):
     answer = engine.queue(read_generation(request, "txt2img", 1)).result(timeout=600)
     with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
         served = np.asarray(image.convert("RGB"))
-    refiner = StableDiffusion.from_pretrained(refiner_files["safetensors"])
     same = engine.pipe.text_to_image(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=4, sampler="euler",
-                                     guidance_scale=5, seed=3, refiner=refiner, refiner_switch=0.5).images[0]
+                                     guidance_scale=5, seed=3, refiner=refiner_pipe, refiner_switch=0.5).images[0]
     np.testing.assert_array_equal(served, np.asarray(same))
     assert "Refiner: tiny-xl-refiner [" in json.loads(answer["info"])["infotexts"][0]
     with pytest.raises(NotFound):
@@ -531,3 +545,57 @@ def test_reduced_precision_stays_near_float32(pipes, xl_files, precision):
     full = pipes["safetensors"].text_to_image(PROMPT, negative_prompt=NEGATIVE, **kw).images
     assert reduced.parameters[0].endswith(f"Precision: {precision}")
     assert np.abs(reduced.images - full).mean() < 0.03  # 16-bit weights and matmuls, float32 norms and sampler
+
+
+def test_clip_skip_is_a1111s_for_sdxl(pipes, xl, tokenizers):
+    pipe = pipes["safetensors"]
+    context, pooled = pipe.encode_prompt(PROMPT)
+    for same in (1, 2):  # SDXL reads the penultimate layer already: A1111's common "Clip skip: 2" changes nothing
+        np.testing.assert_array_equal(pipe.encode_prompt(PROMPT, clip_skip=same)[0], context)
+    skipped, skipped_pooled = pipe.encode_prompt(PROMPT, clip_skip=3)
+    ids = torch.from_numpy(pipe.tokenizer([PROMPT]).astype(np.int64))
+    with torch.no_grad():  # CLIP-L's third-last layer (A1111's sdxl_clip_l_skip), bigG unchanged
+        third_last = xl.text_encoder(ids, output_hidden_states=True).hidden_states[-3].numpy()
+    width = xl.text_encoder.config.hidden_size
+    np.testing.assert_allclose(skipped[..., :width], third_last, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(skipped[..., width:], context[..., width:])
+    np.testing.assert_array_equal(skipped_pooled, pooled)
+    with pytest.raises(InputError, match="clip_skip"):
+        pipe.encode_prompt(PROMPT, clip_skip=4)  # CLIP-L has 3 layers here
+
+
+def test_refiner_hand_off_checks(pipes, pipe, refiner_pipe):
+    xl = pipes["safetensors"]
+    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2)
+    with pytest.raises(InputError, match="other latents"):  # SD 1.x latents are scaled otherwise
+        xl.text_to_image(PROMPT, refiner=pipe, **kw)
+    for sampler in ("plms", "heun"):
+        with pytest.raises(InputError, match=f"{sampler} sampler cannot hand"):
+            xl.text_to_image(PROMPT, refiner=refiner_pipe, sampler=sampler, **kw)
+    with pytest.raises(InputError, match="refiner must be"):
+        xl.text_to_image(PROMPT, refiner=1, **kw)
+
+
+def test_scheduled_prompts_go_on_counting_in_the_refiner(pipes, refiner_pipe, monkeypatch):
+    seen = []
+    original = refiner_pipe.predict_noise
+    monkeypatch.setattr(refiner_pipe, "predict_noise",
+                        lambda x, t, context: seen.append(context[0][-1].copy()) or original(x, t, context))
+    pipes["safetensors"].text_to_image("a [cat:dog:0.5]", height=HEIGHT, width=WIDTH, num_inference_steps=10,
+                                       sampler="euler", guidance_scale=1, refiner=refiner_pipe, refiner_switch=0.8,
+                                       seed=1)
+    dog, _ = refiner_pipe.encode_prompt("a dog")
+    assert len(seen) == 2  # steps 8 and 9 of 10: "dog" since step 5
+    for context in seen:
+        np.testing.assert_allclose(context, dog[0], atol=1e-5, rtol=0)
+
+
+def test_an_encode_that_overflows_is_redone_in_float32(pipes, xl_files, monkeypatch):
+    import tensorflow as tf
+
+    pipe = StableDiffusion.from_pretrained(xl_files["safetensors"], precision="float16")
+    images = np.random.default_rng(3).uniform(-1, 1, (1, HEIGHT, WIDTH, 3)).astype(np.float32)
+    overflowed = tf.fill((1, HEIGHT // 8, WIDTH // 8, 4), float("inf"))
+    monkeypatch.setattr(pipe, "_encode_step", lambda x: [overflowed, overflowed])  # as SDXL's VAE does in fp16
+    for ours, full in zip(pipe._encode(images), pipes["safetensors"]._encode(images), strict=True):
+        np.testing.assert_allclose(ours, full, atol=1e-4, rtol=0)  # the float32 VAE, read again from the file

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..clip import CLIPTextModel
-from ..config import SDXL_VAE, CLIPConfig, ModelConfig, UNetConfig, VAEConfig, pad_token_id
+from ..config import SDXL_VAE, CLIPConfig, ModelConfig, UNetConfig, VAEConfig, pad_token_id, time_id_count
 from ..errors import CheckpointError, StableDiffusionWarning
 from ..layers import empty_weights
 from ..unet import UNet
@@ -107,6 +107,7 @@ def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
     with open_checkpoint(source) as file:
         family = detect_family(file)
         config = config or config_from_metadata(file, infer_config(file, family))
+        _check(config, source)
         models = make_models(config, dtype, empty=True)
         used: set[str] = set()
         entries = []
@@ -125,6 +126,13 @@ def _load_single_file(source: str, config: ModelConfig | None, dtype) -> Models:
         _check_leftovers(source, [k for k in file.keys() if k not in used], family)
         fill(entries)
     return models
+
+
+def _check(config: ModelConfig, source: str) -> None:
+    try:
+        config.check()
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the model's parts do not fit together: {e}") from None
 
 
 def _vae_candidates(config: VAEConfig, folder: bool):
@@ -256,7 +264,7 @@ def infer_config(file: TensorFile, family: str | None = None) -> ModelConfig:
         if isinstance(depth, tuple) and mid != depths[-1]:
             raise CheckpointError(f"{file.path}: unsupported UNet: mid-block depth {mid}, last level {depths[-1]}")
         added = f"{p}label_emb.0.0.weight"
-        text, ids = _text_layouts(file), 5 if family == "sdxl-refiner" else 6  # refiner: aesthetic score for crop
+        text, ids = _text_layouts(file), time_id_count(family)
         pooled = 0
         if xl:
             pooled = shape(text[1][1] + "text_projection")[1]
@@ -396,7 +404,8 @@ def _read_json(path: str) -> dict:
 
 
 def read_folder_config(folder: str) -> ModelConfig:
-    """The ModelConfig of a diffusers folder from its config.json files; rejects families not loaded yet."""
+    """The ModelConfig of a diffusers folder from its config.json files (an SDXL one without text_encoder/ is a
+    refiner)."""
     unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"))
     xl = unet_cfg.get("addition_embed_type") == "text_time"
     has = lambda part: os.path.isfile(os.path.join(folder, part, "config.json"))  # noqa: E731
@@ -431,6 +440,7 @@ def _component_file(folder: str, part: str) -> str:
 
 def _load_diffusers_folder(folder: str, config: ModelConfig | None, dtype) -> Models:
     config = config or read_folder_config(folder)
+    _check(config, folder)
     models = make_models(config, dtype, empty=True)
     parts = {"text_encoder": (models.text_encoder, names.clip_names),
              "text_encoder_2": (models.text_encoder_2, names.clip_names), "unet": (models.unet, lambda n: [n]),

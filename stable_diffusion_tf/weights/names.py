@@ -140,7 +140,6 @@ def clip_open_clip(name: str, prefix: str = OPEN_CLIP_PREFIX) -> tuple[str, int 
     return prefix + _rename_head(name, _OPEN_CLIP), None
 
 
-
 def open_clip_unused(key: str, num_hidden_layers: int, prefix: str = OPEN_CLIP_PREFIX, xl: bool = False) -> bool:
     """OpenCLIP tensors a model leaves out: `logit_scale` and the `attn_mask` buffer, and for SD 2.x also the last
     resblock (it reads the penultimate layer's output, then ln_final) and the image-text `text_projection`
