@@ -61,8 +61,8 @@ class TextConditioning:
             parts = []
             for index, (encoder, pad) in enumerate(self._encoders()):
                 z, pool = self._encode_text(_padded(ids[:, j], pad), clip_skip, [f[j] for f in fixes], encoder,
-                                            index)
-                pooled = pool if j == 0 else pooled  # SDXL's pooled vector: the first chunk's (A1111)
+                                            index, pooled=j == 0)  # SDXL's pooled vector: the first chunk's (A1111)
+                pooled = pool if j == 0 else pooled
                 w = weights[:, j, :, None]
                 for rows in groups:  # each encoder's own mean (A1111), in float64: the ratio is ill-conditioned
                     if np.any(w[rows] != 1):  # when it is near 0
@@ -108,12 +108,14 @@ class TextConditioning:
         return chunk_prompt(prompt, t.encode, t.bos_token_id, t.eos_token_id, self._comma_id,
                             length=t.max_length - 2, embeddings=embeddings)
 
-    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None, encoder=None, index: int = 0):
+    def _encode_text(self, ids: np.ndarray, clip_skip: int, fixes=None, encoder=None, index: int = 0,
+                     pooled: bool = True):
         """Token ids (B, 77) -> (the text encoder's last hidden state, or with clip skip N the N-th last layer's
         output through the final layer norm; None), float32. SDXL's encoders give their penultimate layer without the
         norm (CLIP-L with clip skip N > 2 its N-th last, see `encode_prompt`), and bigG its projected pooled output
         in place of None. `fixes[b]` lists (position, embedding name) of row b; `index` says which of the
-        model's text encoders `encoder` is (which of an embedding's vectors it reads)."""
+        model's text encoders `encoder` is (which of an embedding's vectors it reads); `pooled=False` skips bigG's
+        pooled output (None in its place)."""
         encoder = encoder or self.text_encoder
         numpy = lambda t: np.asarray(ops.convert_to_numpy(t), dtype=np.float32)  # noqa: E731
         replacements = None
@@ -129,7 +131,7 @@ class TextConditioning:
         if self.config.xl:
             last, hidden = encoder(ids, output_hidden_states=True, replacements=replacements)
             if encoder.config.projection_dim:  # bigG: always the penultimate layer (A1111 and diffusers' default)
-                return numpy(hidden[-2]), numpy(encoder.pooled(last, ids))
+                return numpy(hidden[-2]), numpy(encoder.pooled(last, ids)) if pooled else None
             return numpy(hidden[-max(clip_skip, 2)]), None
         if clip_skip == 1:
             z = encoder(ids, replacements=replacements)
@@ -144,7 +146,7 @@ class TextConditioning:
         crop (0, 0); the refiner has an aesthetic score in place of the target size, 6 for the prompt and 2.5 for
         the negative prompt."""
         width, height = job.settings["size"]
-        refiner = self.config.family == "sdxl-refiner"
+        refiner = self.config.time_ids == 5
         ids = lambda score: [height, width, 0, 0, score] if refiner else [height, width, 0, 0, height, width]  # noqa
         zeros = self.force_zeros_for_empty_prompt and all(n == "" for n in job.negatives)
 

@@ -46,7 +46,7 @@ class ImageDecoder:
 
     def _decode(self, vae: AutoencoderKL, latents: np.ndarray, tiled: bool) -> np.ndarray:
         if id(vae) not in self._steps:  # XLA is not offered: on CPU it runs the VAE's large convolutions slower
-            self._steps[id(vae)] = tf.function(lambda z: ops.cast(vae.decode(z), "float32"))
+            self._steps[id(vae)] = tf.function(lambda z: ops.cast(vae.decode(z), "float32"), autograph=False)
         step = self._steps[id(vae)]
         decode = lambda z: step(z).numpy()  # noqa: E731
         return tiled_decode(decode, latents) if tiled else decode(latents)

@@ -116,10 +116,11 @@ class StableDiffusion(TextConditioning, LoraMerging):
         self.loras: dict[str, LoraFile] = {}  # LoRA files by name (`load_lora`)
         self._lora_layers: dict | None = None  # (part, layer name) -> the Dense or Conv2D a LoRA may change
         self._lora_backups: dict[tuple[str, str], tf.Tensor] = {}  # base kernels of the layers LoRAs changed
+        self._last_refiner: tuple | None = None  # (path key, pipeline) of the last refiner given as a path
         self._active_loras: tuple | None = ()  # (name, te, unet) of the LoRAs merged now; None: unknown
         unet = self.unet
         self._unet_step = tf.function(lambda x, t, c, *added: ops.cast(unet(x, t, c, *added), "float32"),
-                                      jit_compile=jit_compile)
+                                      jit_compile=jit_compile, autograph=False)  # plain Python: no AutoGraph
         self._set_vae(models.vae, source)
 
     @classmethod
@@ -173,7 +174,8 @@ class StableDiffusion(TextConditioning, LoraMerging):
         """The VAE and its compiled encode and decode (a new VAE needs new ones: a trace holds its variables)."""
         self.vae, self.vae_source = vae, source
         self._vae_fields: tuple[str, ...] | None = None  # the recipe's VAE fields, when it is a VAE of its own
-        self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in vae.encode(x)])
+        self._encode_step = tf.function(lambda x: [ops.cast(t, "float32") for t in vae.encode(x)],
+                                        autograph=False)
         self._decoder = ImageDecoder(vae, self.config.vae.scaling_factor, self._float32_vae)
 
     # -- the steps every mode is made of (keras-hub's encode / denoise / decode steps) -----------------------
@@ -312,13 +314,23 @@ class StableDiffusion(TextConditioning, LoraMerging):
         if not isinstance(refiner, StableDiffusion):
             if not isinstance(refiner, (str, os.PathLike)):
                 raise InputError(f"refiner must be a StableDiffusion pipeline or a path, got {type(refiner).__name__}")
-            refiner = StableDiffusion.from_pretrained(refiner, precision=self.precision)
+            refiner = self._refiner_from(refiner)
         mine, theirs = self.config.vae, refiner.config.vae
         if (mine.latent_channels, mine.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor):
             raise InputError(f"the refiner ({refiner.config.family}) works in other latents than this model "
                              f"({self.config.family}): their VAEs differ")
         refiner._check_regular_unet()
         return refiner
+
+    def _refiner_from(self, path) -> "StableDiffusion":
+        """The refiner at `path` (or Hub id) in this precision, kept for the next call while the file is unchanged."""
+        path = os.fspath(path)
+        stat = os.stat(path) if os.path.exists(path) else None
+        key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size) if stat else (path,)
+        cached = self._last_refiner
+        if cached is None or cached[0] != key:
+            cached = self._last_refiner = (key, StableDiffusion.from_pretrained(path, precision=self.precision))
+        return cached[1]
 
     def image_to_image(self, prompt: str | list[str], image, strength: float = 0.75,
                        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,

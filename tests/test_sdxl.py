@@ -266,6 +266,19 @@ def test_refiner_switch_is_checked(pipes, refiner_files):
                                                refiner=refiner_files["safetensors"], refiner_switch=bad)
 
 
+def test_a_refiner_path_is_loaded_once_while_unchanged(pipes, refiner_files, monkeypatch):
+    loads, real = [], StableDiffusion.from_pretrained
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    xl, path = pipes["safetensors"], refiner_files["safetensors"]
+    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="np")  # the base's step alone
+    for _ in range(2):
+        xl.text_to_image(PROMPT, refiner=path, **kw)
+    assert loads == [(path,)]
+    os.utime(path, ns=(1, 1))  # the file changed: read again
+    xl.text_to_image(PROMPT, refiner=path, **kw)
+    assert loads == [(path,), (path,)]
+
+
 @pytest.mark.parametrize("layout", ["fp16", "bf16"])
 def test_16_bit_files_load(xl_files, pipes, layout):
     pipe = StableDiffusion.from_pretrained(xl_files[layout])

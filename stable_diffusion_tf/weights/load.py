@@ -73,9 +73,10 @@ def load_vae(source: str | os.PathLike, config: VAEConfig, dtype="float32") -> A
     with empty_weights():
         vae.build()
     path = source
-    if os.path.isdir(source):
-        path = _component_file(source if os.path.isdir(os.path.join(source, "vae")) else os.path.dirname(source),
-                               "vae" if os.path.isdir(os.path.join(source, "vae")) else os.path.basename(source))
+    if os.path.isdir(source):  # a whole diffusers model, or its vae/ folder alone
+        whole = os.path.isdir(os.path.join(source, "vae"))
+        folder, part = (source, "vae") if whole else os.path.split(os.path.normpath(source))
+        path = _component_file(folder, part)
     with open_checkpoint(path) as file:
         keys = file.keys()
         if any(k.startswith(names.VAE_PREFIX) for k in keys):
