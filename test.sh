@@ -9,4 +9,5 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
-python3 -m pytest -q "$@"
+# one worker process per CPU (4 at most), each taking whole test files, so a file's tests share their fixtures
+python3 -m pytest -q -n auto --maxprocesses=4 --dist loadfile "$@"
