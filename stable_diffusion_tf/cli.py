@@ -23,11 +23,11 @@ import warnings
 # numpy and PIL only, all of them: TensorFlow is imported after the flags are checked
 from .checks import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
 from .config import REFINER_SWITCH
-from .embeddings import SUFFIXES as EMBEDDING_SUFFIXES, embedding_name
+from .embeddings import embedding_files
 from .errors import DownloadError, InputError, StableDiffusionError, StableDiffusionWarning
 from .hub import DEMO, demo_path, looks_like_repo_id, resolve
 from .images import load_image, load_image_and_mask
-from .lora import SUFFIXES as LORA_SUFFIXES, TAG, lora_name, lora_tags
+from .lora import LORA_KINDS, TAG, lora_files, lora_name, lora_tags
 from .output import check_output_path, numbered_paths, save_png
 from .recipe import PNG_KEY, parse_infotext, sampler_from_label
 from .precision import CHOICES as PRECISIONS, WEIGHT_DTYPES
@@ -320,7 +320,7 @@ def _recipe_flags(argv: list[str], mode: str) -> list[str]:
 
 
 def _embedding_files(args: argparse.Namespace) -> list[str]:
-    """--embedding files (each must exist), and those of --embeddings-dir whose name is in a prompt."""
+    """--embedding files (each must exist), and those in --embeddings-dir (or below) whose name is in a prompt."""
     files = []
     for path in args.embedding:
         if not os.path.isfile(os.path.expanduser(path)):
@@ -331,10 +331,7 @@ def _embedding_files(args: argparse.Namespace) -> list[str]:
         if not os.path.isdir(folder):
             raise InputError(f"argument --embeddings-dir: {args.embeddings_dir!r}: no such folder")
         text = f"{args.prompt}\n{args.negative_prompt or ''}"
-        for entry in sorted(os.listdir(folder)):
-            name = embedding_name(entry)
-            if entry.endswith(EMBEDDING_SUFFIXES) and name and name in text:
-                files.append(os.path.join(folder, entry))
+        files += [path for name, path in embedding_files(folder).items() if name and name in text]
     return files
 
 
@@ -358,7 +355,7 @@ def _lora_files(args: argparse.Namespace) -> dict[str, str]:
         if not name or any(c in name for c in "<>:"):
             raise InputError(f"argument --lora: {flag!r}: a LoRA's file name cannot be written in a <lora:...> tag")
         named[name] = path
-        mine = [m[0] for m in TAG.finditer(args.prompt) if m[1] in ("lora", "lyco") and m[2].split(":")[0] == name]
+        mine = [m[0] for m in TAG.finditer(args.prompt) if m[1] in LORA_KINDS and m[2].split(":")[0] == name]
         for tag in mine:
             args.prompt = args.prompt.replace(tag, "")
         args.prompt = f"{args.prompt.rstrip()} <lora:{name}:{weight}>"
@@ -370,26 +367,16 @@ def _lora_files(args: argparse.Namespace) -> dict[str, str]:
         folder = os.path.expanduser(args.lora_dir)
         if not os.path.isdir(folder):
             raise InputError(f"argument --lora-dir: {args.lora_dir!r}: no such folder")
-    found = dict(named)
+    found, in_folder = dict(named), lora_files(folder)
     for tag in tags:
         if tag.name in found:
             continue
-        path = _find_lora(folder, tag.name) if folder else None
+        path = in_folder.get(tag.name)
         if path is None:
             where = f"in --lora-dir {args.lora_dir!r}" if folder else "(give --lora FILE or --lora-dir DIR)"
             raise InputError(f"prompt tag <lora:{tag.name}>: no LoRA file named {tag.name!r} {where}")
         found[tag.name] = path
     return found
-
-
-def _find_lora(folder: str, name: str) -> str | None:
-    """folder/name.safetensors (or .pt, .ckpt, .bin), in the folder or below it, as A1111 finds a LoRA."""
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for suffix in LORA_SUFFIXES:
-            if name + suffix in files:
-                return os.path.join(root, name + suffix)
-    return None
 
 
 def _weights_problem(source: str | None) -> str | None:

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .errors import CheckpointError, UnsupportedModelError
+from .hub import find_files
 from .recipe import model_name
 from .weights.formats import open_checkpoint
 
@@ -82,3 +83,9 @@ def _vectors(path: str, key: str, vectors: np.ndarray, width: int) -> np.ndarray
 def embedding_name(path: str | os.PathLike) -> str:
     """The name a prompt uses for an embedding file: its file name without the extension, as A1111 names it."""
     return model_name(path)
+
+
+def embedding_files(folder: str | os.PathLike | None) -> dict[str, str]:
+    """Name -> path of the embedding files in `folder` and below, by the names prompts use (`embedding_name`);
+    where two files share a name, the last in path order is taken. Empty for None."""
+    return {embedding_name(p): p for p in find_files(folder, SUFFIXES).values()}

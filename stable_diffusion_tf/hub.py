@@ -85,3 +85,22 @@ def demo_path() -> str:
         raise CheckpointError(f"{DEMO_PATH}: the demo model is missing from this installation; "
                               "make it with `python train.py --output stable_diffusion_tf/data/demo.safetensors`")
     return DEMO_PATH
+
+
+def find_files(folder: str | None, suffixes: tuple[str, ...], folders: bool = False) -> dict[str, str]:
+    """Relative name -> path of the files with these suffixes in `folder` and below (and, with `folders`, the
+    diffusers folders: those holding model_index.json); sorted by name."""
+    found = {}
+    if folder is None:
+        return found
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if folders and "model_index.json" in files and root != folder:
+            found[os.path.relpath(root, folder)] = root
+            dirs.clear()
+            continue
+        for name in sorted(files):
+            if name.lower().endswith(suffixes):
+                path = os.path.join(root, name)
+                found[os.path.relpath(path, folder)] = path
+    return dict(sorted(found.items()))

@@ -33,6 +33,7 @@ import warnings
 import numpy as np
 
 from .errors import CheckpointError, InputError, StableDiffusionWarning, UnsupportedModelError
+from .hub import find_files
 from .recipe import model_name
 from .weights.formats import open_checkpoint
 
@@ -402,3 +403,9 @@ def lora_hash(path: str | os.PathLike) -> str:
 def lora_name(path: str | os.PathLike) -> str:
     """The name a prompt uses for a LoRA file: its file name without the extension, as A1111 names it."""
     return model_name(path)
+
+
+def lora_files(folder: str | os.PathLike | None) -> dict[str, str]:
+    """Name -> path of the LoRA files in `folder` and below, by the names prompts use (`lora_name`); where two
+    files share a name, the last in path order is taken, as A1111's list of LoRAs does. Empty for None."""
+    return {lora_name(p): p for p in find_files(folder, SUFFIXES).values()}

@@ -25,9 +25,9 @@ import numpy as np
 from . import checks
 from .config import REFINER_SWITCH
 from .errors import InputError, StableDiffusionError
-from .hub import CHECKPOINT_SUFFIXES
-from .lora import SUFFIXES as LORA_SUFFIXES, lora_name, lora_tags
-from .embeddings import SUFFIXES as EMBEDDING_SUFFIXES, embedding_name
+from .hub import CHECKPOINT_SUFFIXES, find_files
+from .lora import lora_files, lora_tags
+from .embeddings import embedding_files
 from .recipe import SAMPLER_LABELS, model_name, parse_infotext, sampler_from_label
 
 VERSION = "stable-diffusion-tf"
@@ -64,25 +64,6 @@ class Progress:
     skipped: bool = False
     latents: np.ndarray | None = None  # the running image's latents, VP form, for the preview
     preview_step: int = -1
-
-
-def find_files(folder: str | None, suffixes: tuple[str, ...], folders: bool = False) -> dict[str, str]:
-    """Relative name -> path of the files with these suffixes in `folder` and below (and, with `folders`, the
-    diffusers folders: those holding model_index.json); sorted by name."""
-    found = {}
-    if folder is None:
-        return found
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        if folders and "model_index.json" in files and root != folder:
-            found[os.path.relpath(root, folder)] = root
-            dirs.clear()
-            continue
-        for name in sorted(files):
-            if name.lower().endswith(suffixes):
-                path = os.path.join(root, name)
-                found[os.path.relpath(path, folder)] = path
-    return dict(sorted(found.items()))
 
 
 def decode_base64_image(text: Any, what: str):
@@ -341,10 +322,10 @@ class Engine:
         return refiner
 
     def loras(self) -> dict[str, str]:
-        return {lora_name(p): p for p in find_files(self.lora_dir, LORA_SUFFIXES).values()}
+        return lora_files(self.lora_dir)
 
     def embeddings(self) -> dict[str, str]:
-        return {embedding_name(p): p for p in find_files(self.embeddings_dir, EMBEDDING_SUFFIXES).values()}
+        return embedding_files(self.embeddings_dir)
 
     # -- the queue ----------------------------------------------------------------------------------------------
 

@@ -297,6 +297,25 @@ def test_unknown_lora_name_in_a_prompt(pipe):
         pipe.text_to_image(f"{PROMPT} <lora:nothere:1>", height=64, width=64, num_inference_steps=1)
 
 
+def test_folders_of_loras_and_embeddings_are_read_by_name_and_subfolders(tmp_path):
+    """Files in the folder and its subfolders, named as prompts name them, suffixes in any case; other files and
+    folders are not taken."""
+    from stable_diffusion_tf.embeddings import embedding_files
+    from stable_diffusion_tf.lora import lora_files
+
+    for name in ("style.safetensors", "people/face.PT", "people/deeper/cat.ckpt", "notes.txt", "a.safetensors.txt",
+                 "emb/sparkle.bin", "emb/old/glow.pt", "emb/sketch.ckpt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = lora_files(tmp_path)
+    assert found == {"cat": str(tmp_path / "people/deeper/cat.ckpt"), "face": str(tmp_path / "people/face.PT"),
+                     "glow": str(tmp_path / "emb/old/glow.pt"), "sketch": str(tmp_path / "emb/sketch.ckpt"),
+                     "sparkle": str(tmp_path / "emb/sparkle.bin"), "style": str(tmp_path / "style.safetensors")}
+    assert embedding_files(tmp_path / "emb") == {"glow": str(tmp_path / "emb/old/glow.pt"),
+                                                 "sparkle": str(tmp_path / "emb/sparkle.bin")}
+    assert lora_files(None) == {} and embedding_files(tmp_path / "missing") == {}
+
+
 # --- the command line: --lora, --lora-dir, --from-png --------------------------------------------------------------
 
 
