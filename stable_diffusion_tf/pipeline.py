@@ -314,7 +314,7 @@ class StableDiffusion(TextConditioning, LoraMerging):
         if not isinstance(refiner, StableDiffusion):
             if not isinstance(refiner, (str, os.PathLike)):
                 raise InputError(f"refiner must be a StableDiffusion pipeline or a path, got {type(refiner).__name__}")
-            refiner = self._refiner_from(refiner)
+            refiner = self.load_refiner(refiner)
         mine, theirs = self.config.vae, refiner.config.vae
         if (mine.latent_channels, mine.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor):
             raise InputError(f"the refiner ({refiner.config.family}) works in other latents than this model "
@@ -322,15 +322,17 @@ class StableDiffusion(TextConditioning, LoraMerging):
         refiner._check_regular_unet()
         return refiner
 
-    def _refiner_from(self, path) -> "StableDiffusion":
-        """The refiner at `path` (or Hub id) in this precision, kept for the next call while the file is unchanged."""
+    def load_refiner(self, path: str | os.PathLike) -> "StableDiffusion":
+        """The model at `path` (a file, folder or Hub id) in this pipeline's precision, to pass as `refiner=`. The
+        last one is kept (one at a time) and given again while its file is unchanged; `text_to_image` loads a
+        refiner given as a path through this."""
         path = os.fspath(path)
         stat = os.stat(path) if os.path.exists(path) else None
         key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size) if stat else (path,)
-        cached = self._last_refiner
-        if cached is None or cached[0] != key:
-            cached = self._last_refiner = (key, StableDiffusion.from_pretrained(path, precision=self.precision))
-        return cached[1]
+        if self._last_refiner is None or self._last_refiner[0] != key:
+            self._last_refiner = None  # the old one leaves memory before the new one loads
+            self._last_refiner = (key, StableDiffusion.from_pretrained(path, precision=self.precision))
+        return self._last_refiner[1]
 
     def image_to_image(self, prompt: str | list[str], image, strength: float = 0.75,
                        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,

@@ -250,7 +250,6 @@ class Engine:
         self._wake = threading.Condition()
         self._projection: np.ndarray | None = None  # latents -> RGB for previews, fitted per model
         self._lora_order: list[str] = []  # LoRAs this server loaded from --lora-dir, oldest first
-        self._refiner: tuple[str, Any] | None = None  # (path, pipeline) of the refiner last asked for
         self._worker = threading.Thread(target=self._run, name="generation", daemon=True)
 
     # -- models --------------------------------------------------------------------------------------------------
@@ -301,16 +300,9 @@ class Engine:
         return match, models[match]
 
     def _refiner_pipe(self, title: str):
-        """The refiner a request names, loaded once and kept (one at a time); the loaded model when it is that."""
+        """The refiner a request names, kept by the model's pipeline (`load_refiner`); the model when it is that."""
         match, path = self._find_model(title)
-        if match == self.model_title:
-            return self.pipe
-        if self._refiner is None or self._refiner[0] != path:
-            from .pipeline import StableDiffusion
-
-            self._refiner = None  # the old one leaves memory before the new one loads
-            self._refiner = (path, StableDiffusion.from_pretrained(path, precision=self.pipe.precision))
-        return self._refiner[1]
+        return self.pipe if match == self.model_title else self.pipe.load_refiner(path)
 
     def _refiner_for(self, g: Generation):
         """The request's refiner with the embeddings its prompts name (an SDXL embedding's clip_g serves it)."""
